@@ -1,0 +1,140 @@
+"""The ``cdcl`` command: one entry point, one subcommand per job, shared option definitions.
+
+Each subcommand's work lives in its own module (imported lazily so ``cdcl --help`` is instant);
+every ``CdclError`` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from cdcl import __version__
+from cdcl.errors import CdclError
+
+FORMATS = ("folder", "monuseg", "dsb2018")
+
+
+def _add_checkpoint(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a best.pt or last.pt written by `cdcl train`")
+
+
+def _add_out(p: argparse.ArgumentParser, help: str = "output folder (created if missing)") -> None:
+    p.add_argument("--out", required=True, metavar="DIR", help=help)
+
+
+def _add_format(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--format", required=required, choices=FORMATS, help="dataset layout (see README, 'Data formats')")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: from checkpoint)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cdcl",
+        description="Semi-supervised nucleus segmentation for H&E histopathology (CDCL, CVPR 2022): "
+        "train from a few annotated tiles plus many unannotated ones, evaluate, and predict on tiles, "
+        "folders and whole-slide images.",
+        epilog="Exit codes: 0 success, 2 bad input or usage (one line on stderr naming the file and the problem).",
+    )
+    parser.add_argument("--version", action="version", version=f"cdcl {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="synthetic data -> supervised and CDCL models -> evaluation table and pictures")
+    p.add_argument("--out", default="cdcl-demo", metavar="DIR", help="output folder (default: ./cdcl-demo)")
+    p.add_argument("--iterations", type=int, default=None, help="training iterations per model (default: preset)")
+    p.set_defaults(handler="cdcl.demo:run")
+
+    p = sub.add_parser("data", help="inspect a dataset: `data check`, `data show`")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    q = data_sub.add_parser("check", help="counts, sizes, nuclei per image, and every problem found")
+    q.add_argument("data", metavar="DATA", help="dataset folder")
+    _add_format(q)
+    q.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    q.set_defaults(handler="cdcl.data.check:run")
+    q = data_sub.add_parser("show", help="write a PNG grid of augmented views (labeled, weak/strong pairs)")
+    q.add_argument("data", metavar="DATA", help="dataset folder")
+    _add_format(q)
+    q.add_argument("--config", metavar="FILE", help="take augmentation settings from a training config")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    q.add_argument("--n", type=int, default=6, help="number of images (rows)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", required=True, metavar="PNG", help="output PNG file")
+    q.set_defaults(handler="cdcl.data.show:run")
+
+    p = sub.add_parser("split", help="write labeled/unlabeled/val/test lists for a label budget")
+    p.add_argument("data", metavar="DATA", help="dataset folder")
+    _add_format(p)
+    p.add_argument("--labeled", required=True, metavar="FRACTION", help="labeled fraction of the training items: 0.0625, 1/16, ...")
+    p.add_argument("--seed", type=int, default=0, help="split seed (same inputs + seed = byte-identical files)")
+    p.add_argument("--tile", type=int, default=None, metavar="PX", help="cut training images into PX x PX tiles (monuseg default: 250)")
+    p.add_argument("--val", type=float, default=None, metavar="FRACTION", help="validation share of the training images")
+    p.add_argument("--test", type=float, default=None, metavar="FRACTION", help="test share when the dataset has no official test set")
+    _add_out(p)
+    p.set_defaults(handler="cdcl.data.splits:run")
+
+    p = sub.add_parser("train", help="train a model; re-running the same command resumes")
+    p.add_argument("--config", required=True, metavar="FILE", help="YAML config (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. method.w_contr=0")
+    _add_out(p, "run folder: resolved config, last.pt, best.pt, metrics.jsonl, curves.png")
+    p.set_defaults(handler="cdcl.train:run")
+
+    p = sub.add_parser("evaluate", help="metrics of a checkpoint on whole labeled images")
+    _add_checkpoint(p)
+    p.add_argument("--data", required=True, metavar="DATA", help="dataset folder")
+    _add_format(p)
+    p.add_argument("--split", metavar="FILE", help="list of items to evaluate (default: all labeled items)")
+    _add_out(p)
+    p.add_argument("--no-overlays", action="store_true", help="skip overlay PNGs")
+    _add_device(p)
+    p.set_defaults(handler="cdcl.evaluate:run")
+
+    p = sub.add_parser("predict", help="nuclei of images and folders: label map, GeoJSON, CSV, overlay")
+    _add_checkpoint(p)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
+    _add_out(p)
+    p.add_argument("--formats", default="labels,geojson,csv,overlay", help="comma-separated subset of labels,labels-tiff,geojson,csv,overlay")
+    _add_device(p)
+    p.set_defaults(handler="cdcl.predict:run")
+
+    p = sub.add_parser("predict-wsi", help="nuclei of a whole-slide image, streamed with bounded memory")
+    _add_checkpoint(p)
+    p.add_argument("slide", metavar="SLIDE", help="SVS, TIFF, NDPI, MRXS, ...")
+    _add_out(p)
+    p.add_argument("--mpp", type=float, default=None, help="microns per pixel of level 0 when the slide lacks it")
+    p.add_argument("--tile", type=int, default=1024, metavar="PX", help="tile size read per step")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers reading tiles")
+    _add_device(p)
+    p.set_defaults(handler="cdcl.wsi:run")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        (parser if args.command != "data" else parser._subparsers._group_actions[0].choices["data"]).print_help()
+        return 2
+    module_name, func_name = handler.split(":")
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(args) or 0)
+    except CdclError as err:
+        print(f"cdcl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cdcl {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

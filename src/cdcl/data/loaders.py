@@ -1,0 +1,103 @@
+"""Torch datasets and samplers for training: seeded per sample, so a resumed run sees the same batches.
+
+The sampler yields ``(index, sample_seed)`` pairs from an endless stream of seeded epoch permutations;
+each sample's augmentation draws only from ``np.random.default_rng(sample_seed)``. The stream is a pure
+function of (seed, rank, position), so resuming at iteration t replays exactly what an uninterrupted run
+would have seen, whatever the number of workers. Under DDP each rank takes every world_size-th element.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from cdcl.data.views import AugmentConfig, labeled_view, paired_views
+
+
+class SeededStreamSampler(Sampler):
+    """Endless ``(index, sample_seed)`` stream; epoch e is a permutation seeded by (seed, e)."""
+
+    def __init__(self, n: int, seed: int, *, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if n <= 0:
+            raise ValueError("cannot sample from an empty set")
+        self.n, self.seed, self.start, self.rank, self.world_size = n, seed, start, rank, world_size
+
+    def _epoch(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        position = self.start  # position in this rank's stream
+        while True:
+            global_pos = position * self.world_size + self.rank
+            epoch, offset = divmod(global_pos, self.n)
+            index = int(self._epoch(epoch)[offset])
+            sample_seed = int(np.random.default_rng([self.seed, epoch, offset, 7]).integers(2**62))
+            yield index, sample_seed
+            position += 1
+
+
+class _ImageCache:
+    """Bounded per-worker cache of decoded images (tiles share their source image's decode cost)."""
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes, self.bytes, self.entries = max_bytes, 0, OrderedDict()
+
+    def get(self, key: str, load) -> np.ndarray:
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        value = load()
+        self.entries[key] = value
+        self.bytes += value.nbytes
+        while self.bytes > self.max_bytes and len(self.entries) > 1:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.nbytes
+        return value
+
+
+class LabeledSet(Dataset):
+    """Labeled items -> {"image": 3xSxS float, "target": SxS int64 (1 = nucleus)} augmented views."""
+
+    def __init__(self, items: Sequence, augment: AugmentConfig) -> None:
+        self.items, self.augment, self.cache = list(items), augment, _ImageCache()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, seed = key
+        item = self.items[index]
+        image = self.cache.get(item.name, lambda: item.image)
+        instances = self.cache.get(item.name + "#mask", lambda: item.instances)
+        view, labels = labeled_view(image, instances, np.random.default_rng(seed), self.augment)
+        return {"image": torch.from_numpy(view), "target": torch.from_numpy((labels > 0).astype(np.int64))}
+
+
+class UnlabeledSet(Dataset):
+    """Unlabeled items -> {"weak": ..., "strong": ...}: one shared geometry, photometry on strong only."""
+
+    def __init__(self, items: Sequence, augment: AugmentConfig) -> None:
+        self.items, self.augment, self.cache = list(items), augment, _ImageCache()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, seed = key
+        item = self.items[index]
+        image = self.cache.get(item.name, lambda: item.image)
+        weak, strong = paired_views(image, np.random.default_rng(seed), self.augment)
+        return {"weak": torch.from_numpy(weak), "strong": torch.from_numpy(strong)}
+
+
+def stream_loader(dataset: Dataset, batch_size: int, *, seed: int, start_batch: int, num_workers: int,
+                  rank: int = 0, world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """An endless iterator of batches starting at batch ``start_batch`` of this rank's stream."""
+    sampler = SeededStreamSampler(len(dataset), seed, start=start_batch * batch_size, rank=rank, world_size=world_size)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        persistent_workers=num_workers > 0, drop_last=True)
+    return iter(loader)

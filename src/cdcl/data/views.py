@@ -1,0 +1,232 @@
+"""Training views: a labeled view, and weak/strong pairs of unlabeled images that share one geometry.
+
+The teacher sees the weak view and the student the strong one; their predictions are compared pixel by pixel,
+so both views are cut from one geometric transform (crop, optional scale, flips, 90-degree rotations) and only
+the strong one gets photometric changes on top. Everything is numpy (float32 CHW in [0, 1] out) and every
+random draw comes from the ``rng`` argument, so one seeded generator per sample reproduces a view exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.color import hed_from_rgb, rgb2gray, rgb2yiq, rgb_from_hed, yiq2rgb
+from skimage.segmentation import relabel_sequential
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation settings; the photometric strengths are those of the strong view."""
+
+    crop_size: int = 256  # output side; smaller images are mirror-padded first
+    scale: tuple[float, float] | None = None  # random rescale range before cropping, e.g. (0.8, 1.25); None = off
+    flip: bool = True  # random horizontal/vertical flips
+    rotate90: bool = True  # random k * 90 degree rotation
+    labeled_photometric: bool = True  # photometric jitter on the labeled view too, scaled by labeled_strength
+    labeled_strength: float = 0.5  # labeled-view jitter = strong-view magnitudes and probabilities times this
+    brightness: float = 0.3
+    contrast: float = 0.3
+    saturation: float = 0.3
+    hue: float = 0.05  # hue rotation as a fraction of a full turn
+    blur_prob: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 1.5)
+    noise_std: float = 0.03  # additive Gaussian noise, in [0, 1] intensity units
+    grey_prob: float = 0.2
+    hed_sigma: float = 0.05  # H&E stain jitter: per-stain scale 1 +- sigma and shift +- sigma in optical density
+
+    def __post_init__(self) -> None:
+        if self.scale is not None:
+            self.scale = _float_pair("scale", self.scale)
+            if not 0 < self.scale[0] <= self.scale[1]:
+                raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {self.scale}")
+        self.blur_sigma = _float_pair("blur_sigma", self.blur_sigma)
+        if not 0 <= self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"blur_sigma must be (low, high) with 0 <= low <= high, got {self.blur_sigma}")
+        if self.crop_size < 1:
+            raise ValueError(f"crop_size must be >= 1, got {self.crop_size}")
+        for name, low, high in [
+            ("labeled_strength", 0, 1), ("brightness", 0, 1), ("contrast", 0, 1), ("saturation", 0, 1),
+            ("hue", 0, 0.5), ("blur_prob", 0, 1), ("grey_prob", 0, 1), ("hed_sigma", 0, 1), ("noise_std", 0, 1),
+        ]:
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+
+
+def _float_pair(name: str, value: object) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair of numbers (low, high), got {value!r}") from None
+    return low, high
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """One draw of the spatial transform shared by the views of an image.
+
+    Output pixel (i, j), before the dihedral step, samples the source at (rows[i], cols[j]); coordinates outside
+    the image are mirrored back in (half-sample symmetric). Then the output is flipped left-right if ``hflip``
+    and rotated by ``k`` quarter turns (together: all 8 symmetries of the square).
+    """
+
+    rows: np.ndarray
+    cols: np.ndarray
+    hflip: bool
+    k: int
+
+    @property
+    def integer(self) -> bool:
+        """True when no resampling is needed (scale 1): the image is copied pixel for pixel."""
+        return bool(np.all(self.rows == np.round(self.rows)) and np.all(self.cols == np.round(self.cols)))
+
+    def image(self, image: np.ndarray) -> np.ndarray:
+        """HxWxC array -> SxSxC float32 (same value scale as the input); bilinear only when scaled."""
+        if self.integer:
+            rows, cols = _mirror(self.rows, image.shape[0])[0], _mirror(self.cols, image.shape[1])[0]
+            return self._dihedral(image.take(rows, axis=0).take(cols, axis=1).astype(np.float32))
+        grid = np.meshgrid(self.rows, self.cols, indexing="ij")
+        channels = [ndi.map_coordinates(image[..., c], grid, order=1, mode="reflect", output=np.float32)
+                    for c in range(image.shape[2])]
+        return self._dihedral(np.stack(channels, axis=-1))
+
+    def labels(self, instances: np.ndarray) -> np.ndarray:
+        """HxW instance map -> SxS int32, nearest neighbour, relabelled 1..K.
+
+        Mirrored padding shows mirror copies of nuclei in the image; each copy is labelled as its own instance
+        (a zero pad would teach the model that those nuclei are background).
+        """
+        r_idx, r_band = _mirror(np.floor(self.rows + 0.5), instances.shape[0])
+        c_idx, c_band = _mirror(np.floor(self.cols + 0.5), instances.shape[1])
+        ids = instances.take(r_idx, axis=0).take(c_idx, axis=1).astype(np.int64)
+        if r_band.any() or c_band.any():
+            r_code, c_code = r_band - r_band.min(), c_band - c_band.min()
+            copy = r_code[:, None] * (c_code.max() + 1) + c_code[None, :]
+            ids = np.where(ids > 0, ids * (copy.max() + 1) + copy, 0)
+        return self._dihedral(relabel_sequential(ids)[0].astype(np.int32))
+
+    def _dihedral(self, array: np.ndarray) -> np.ndarray:
+        if self.hflip:
+            array = array[:, ::-1]
+        return np.ascontiguousarray(np.rot90(array, self.k))
+
+
+def _mirror(coords: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integer coordinates -> (index inside [0, size), which mirror copy: 0 = the image itself)."""
+    n = coords.astype(np.int64)
+    m = n % (2 * size)
+    return np.where(m < size, m, 2 * size - 1 - m), n // size
+
+
+def sample_geometry(shape: tuple[int, int], rng: np.random.Generator, cfg: AugmentConfig) -> Geometry:
+    """Draw crop position, scale and symmetry for an image of ``shape`` (H, W)."""
+    s = float(rng.uniform(*cfg.scale)) if cfg.scale is not None else 1.0
+    size = cfg.crop_size
+    starts = [_crop_start(n, size, s, rng) for n in shape]
+    offsets = (np.arange(size) + 0.5) / s - 0.5  # pixel centres of the output, in source pixels
+    if cfg.rotate90:
+        k = int(rng.integers(4))
+    else:
+        k = 2 * int(rng.integers(2)) if cfg.flip else 0  # a half turn after a left-right flip = up-down flip
+    hflip = bool(rng.integers(2)) if cfg.flip else False
+    return Geometry(rows=starts[0] + offsets, cols=starts[1] + offsets, hflip=hflip, k=k)
+
+
+def _crop_start(n: int, size: int, s: float, rng: np.random.Generator) -> float:
+    """Source coordinate of the crop's first pixel: random when the image is big enough, else centred."""
+    if s == 1.0:
+        return float(rng.integers(n - size + 1)) if n >= size else float(-((size - n) // 2))
+    span = size / s
+    return float(rng.uniform(0, n - span)) if n >= span else (n - span) / 2
+
+
+def _photometric(x: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig, strength: float) -> np.ndarray:
+    """Colour, stain, blur and noise jitter of an HxWx3 float32 image in [0, 1]; strength scales every knob."""
+    if (sigma := cfg.hed_sigma * strength) > 0:
+        x = _hed_jitter(x, rng.uniform(1 - sigma, 1 + sigma, 3), rng.uniform(-sigma, sigma, 3))
+    if (b := cfg.brightness * strength) > 0:
+        x = x * np.float32(rng.uniform(1 - b, 1 + b))
+    if (c := cfg.contrast * strength) > 0:
+        mean = rgb2gray(np.clip(x, 0, 1)).mean()
+        x = (x - mean) * np.float32(rng.uniform(1 - c, 1 + c)) + mean
+    if (sat := cfg.saturation * strength) > 0:
+        grey = rgb2gray(np.clip(x, 0, 1))[..., None]
+        x = grey + (x - grey) * np.float32(rng.uniform(1 - sat, 1 + sat))
+    if (h := cfg.hue * strength) > 0:
+        x = _rotate_hue(np.clip(x, 0, 1), float(rng.uniform(-h, h)))
+    x = np.clip(x, 0, 1)
+    if rng.random() < cfg.grey_prob * strength:
+        x = np.repeat(rgb2gray(x)[..., None], 3, axis=-1)
+    if rng.random() < cfg.blur_prob * strength:
+        sigma = float(rng.uniform(*cfg.blur_sigma))
+        x = ndi.gaussian_filter(x, (sigma, sigma, 0))
+    if (noise := cfg.noise_std * strength) > 0:
+        x = x + np.float32(noise) * rng.standard_normal(x.shape, dtype=np.float32)
+    return np.clip(x, 0, 1).astype(np.float32, copy=False)
+
+
+def _hed_jitter(x: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """Scale and shift each stain's optical density (haematoxylin, eosin, DAB; Ruifrok-Johnston vectors).
+
+    Uses skimage's stain matrices directly because rgb2hed clips negative stain amounts, so rgb2hed followed by
+    hed2rgb would change colours even with no jitter.
+    """
+    stains = _pixels_times(-np.log(np.maximum(x, np.float32(1e-6))), hed_from_rgb)
+    return np.exp(-_pixels_times(stains * alpha.astype(np.float32) + beta.astype(np.float32), rgb_from_hed))
+
+
+# rgb2yiq / yiq2rgb as matrices acting on pixel row vectors (the images of the basis colours).
+_YIQ_FROM_RGB, _RGB_FROM_YIQ = rgb2yiq(np.eye(3)), yiq2rgb(np.eye(3))
+
+
+def _rotate_hue(x: np.ndarray, turns: float) -> np.ndarray:
+    """Rotate hue by ``turns`` of a full circle in the YIQ chroma plane (luma kept)."""
+    cos, sin = np.cos(2 * np.pi * turns), np.sin(2 * np.pi * turns)
+    rotation = np.array([[1, 0, 0], [0, cos, sin], [0, -sin, cos]])
+    return _pixels_times(x, _YIQ_FROM_RGB @ rotation @ _RGB_FROM_YIQ)
+
+
+def _pixels_times(x: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Each pixel's channel vector (a row) times a 3x3 matrix.
+
+    einsum rather than ``@``: BLAS threads on tiny products stall when data-loader workers share the cores.
+    """
+    return np.einsum("...c,cd->...d", x, matrix.astype(np.float32))
+
+
+def _check(image: np.ndarray, instances: np.ndarray | None = None) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an HxWx3 uint8 image, got shape {image.shape} dtype {image.dtype}")
+    if instances is not None and instances.shape != image.shape[:2]:
+        raise ValueError(f"instance map shape {instances.shape} does not match image shape {image.shape[:2]}")
+
+
+def _chw(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def labeled_view(image: np.ndarray, instances: np.ndarray, rng: np.random.Generator,
+                 cfg: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Augmented (3xSxS float32 image, SxS int32 instances relabelled 1..K) of a labeled image."""
+    _check(image, instances)
+    geometry = sample_geometry(image.shape[:2], rng, cfg)
+    x = geometry.image(image) / np.float32(255)
+    if cfg.labeled_photometric:
+        x = _photometric(x, rng, cfg, cfg.labeled_strength)
+    return _chw(x), geometry.labels(instances)
+
+
+def paired_views(image: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(weak, strong) 3xSxS float32 views of one image: one geometry, photometric changes on strong only."""
+    _check(image)
+    weak = sample_geometry(image.shape[:2], rng, cfg).image(image) / np.float32(255)
+    strong = _photometric(weak, rng, cfg, 1.0)
+    return _chw(weak), _chw(strong)
+
+
+def eval_view(image: np.ndarray) -> np.ndarray:
+    """The un-augmented 3xHxW float32 image in [0, 1], as seen at validation and inference."""
+    _check(image)
+    return _chw(image.astype(np.float32) / np.float32(255))

@@ -1,0 +1,117 @@
+"""Sliding-window inference on arrays of any size: Gaussian-blended windows, stitched on the CPU.
+
+Windows overlap and are blended with a Gaussian weight so that every pixel's probability comes mostly from
+windows where it sits near the centre (where the network sees the most context). Stitching happens in CPU
+memory (MONAI's ``sw_device`` idea), so the accelerator only ever holds one batch of windows whatever the
+image size. Inference never imports training code: the model comes from ``cdcl.checkpoint``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from cdcl.postprocess import instances_from_probability
+from cdcl.runtime import amp_dtype
+
+if TYPE_CHECKING:
+    from cdcl.checkpoint import Predictor
+
+MULTIPLE = 32  # the encoder's total stride: network inputs must be multiples of it
+MIN_WEIGHT = 1e-3  # floor of the blending weight, so pixels seen only by window edges stay well defined
+
+
+def gaussian_weight(window: int | tuple[int, int], sigma_scale: float = 0.125) -> np.ndarray:
+    """A ``window x window`` (or ``(h, w)``) float32 blending weight: a Gaussian of sigma ``sigma_scale`` times
+    the side, 1 in the centre, floored at ``MIN_WEIGHT``."""
+    height, width = (window, window) if isinstance(window, int) else window
+    axes = [np.exp(-0.5 * ((np.arange(n) - (n - 1) / 2) / (sigma_scale * n)) ** 2) for n in (height, width)]
+    return np.maximum(np.outer(*axes), MIN_WEIGHT).astype(np.float32)
+
+
+def window_starts(length: int, window: int, overlap: float) -> list[int]:
+    """Start offsets covering ``[0, length)`` with windows of ``window`` overlapping by ``overlap``; the last
+    window ends exactly at ``length`` (``length >= window``)."""
+    stride = max(1, int(window * (1 - overlap)))
+    return sorted({*range(0, length - window, stride), length - window})
+
+
+def _round_up(n: int, multiple: int = MULTIPLE) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA (bf16 where supported, else fp16); nothing on CPU or without ``amp``."""
+    dtype = amp_dtype(device) if amp else None
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def sliding_window_probability(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    *,
+    window: int,
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    device: torch.device | str | None = None,
+    amp: bool = False,
+) -> np.ndarray:
+    """Foreground probability (softmax of class 1) of an HxWx3 uint8 image, as an HxW float32 array.
+
+    Images of any size are accepted: a side shorter than ``window`` gets one window of that side rounded up to a
+    multiple of 32, and the image is reflect-padded to fill it (reflection keeps the border statistics closer to
+    tissue than zeros would). ``device`` defaults to the model's; ``amp`` enables autocast on CUDA only.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an HxWx3 uint8 image, got {image.dtype} {image.shape}")
+    if window <= 0 or window % MULTIPLE:
+        raise ValueError(f"window must be a positive multiple of {MULTIPLE}, got {window}")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    height, width = image.shape[:2]
+    win_h, win_w = min(window, _round_up(height)), min(window, _round_up(width))
+    padded = np.pad(image, ((0, max(0, win_h - height)), (0, max(0, win_w - width)), (0, 0)), mode="reflect")
+    device = torch.device(device) if device is not None else _model_device(model)
+    weight = gaussian_weight((win_h, win_w))
+    weight_dev = torch.from_numpy(weight).to(device)
+    acc = np.zeros(padded.shape[:2], np.float32)
+    norm = np.zeros(padded.shape[:2], np.float32)
+    corners = [(y, x) for y in window_starts(padded.shape[0], win_h, overlap) for x in window_starts(padded.shape[1], win_w, overlap)]
+    with torch.inference_mode(), _autocast(device, amp):
+        for batch in _batches(corners, max(1, batch_size)):
+            crops = np.stack([padded[y : y + win_h, x : x + win_w] for y, x in batch])
+            x_in = torch.from_numpy(crops).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+            logits = model(x_in)["logits"].float()
+            weighted = (torch.softmax(logits, dim=1)[:, 1] * weight_dev).cpu().numpy()
+            for (y, x), prob in zip(batch, weighted):
+                acc[y : y + win_h, x : x + win_w] += prob
+                norm[y : y + win_h, x : x + win_w] += weight
+    return (acc / norm)[:height, :width]
+
+
+def predict_instances(predictor: Predictor, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(foreground probability, instance labels) of one image with the predictor's window and thresholds."""
+    prob = sliding_window_probability(
+        predictor.model,
+        image,
+        window=predictor.window,
+        overlap=predictor.overlap,
+        batch_size=predictor.batch_size,
+        device=predictor.device,
+        amp=predictor.amp,
+    )
+    return prob, instances_from_probability(prob, predictor.postprocess)

@@ -1,0 +1,18 @@
+"""Shared fixtures. Real data lives in ../shared/data beside the repository root; missing data is a failure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The read-only real datasets (MoNuSeg, DSB2018). Fails, never skips, when absent."""
+    if not (SHARED_DATA / "monuseg").is_dir() or not (SHARED_DATA / "dsb2018").is_dir():
+        pytest.fail(f"real data not found at {SHARED_DATA} (expected ../shared/data beside the repository root)")
+    return SHARED_DATA
