@@ -55,18 +55,19 @@ def test_matches_naive_reference_at_low_temperature_in_float64() -> None:
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-9, atol=1e-9)
 
 
-def _one_anchor(anchor_fc: float, bank_fc: float, bank_label: int) -> torch.Tensor:
+def _one_anchor(anchor_fc: float, bank_fc: float, bank_label: int, bdp: float = BDP, fdp: float = FDP) -> torch.Tensor:
     """Anchor (label 1) with a.p = 0.6 and one bank entry with a.b = 0.8, at temperature 0.1."""
     return patch_contrastive_loss(
         torch.tensor([[1.0, 0.0]]), torch.tensor([[0.6, 0.8]]), torch.tensor([[0.8, 0.6]]),
         torch.tensor([1]), torch.tensor([bank_label]), torch.tensor([anchor_fc], dtype=torch.float32),
-        torch.tensor([bank_fc], dtype=torch.float32), temperature=0.1, bdp=BDP, fdp=FDP)
+        torch.tensor([bank_fc], dtype=torch.float32), temperature=0.1, bdp=bdp, fdp=fdp)
 
 
 def test_fc_sum_exactly_at_the_limit_counts_as_negative() -> None:
     expected = math.log(1 + math.exp((0.8 - 0.6) / 0.1))
     assert _one_anchor(0.2, 0.8, bank_label=0).item() == pytest.approx(expected, rel=1e-6)
     assert _one_anchor(0.9, 0.1, bank_label=0).item() == pytest.approx(expected, rel=1e-6)
+    assert _one_anchor(0.3, 0.6, bank_label=0, bdp=0.3, fdp=0.6).item() == pytest.approx(expected, rel=1e-6)
     assert _one_anchor(0.3, 0.8, bank_label=0).item() == 0.0  # FC sum above bdp + fdp
     assert _one_anchor(0.2, 0.8, bank_label=1).item() == 0.0  # same label
 
@@ -195,9 +196,11 @@ def test_memory_bank_fifo_capacity() -> None:
     bank = MemoryBank(capacity=1)
     assert len(bank) == 0 and bank.tensors()[0].shape[0] == 0
     for value in (1.0, 2.0, 3.0):
-        bank.push(*_block(value))
+        embeddings, labels, fc = _block(value)
+        bank.push(embeddings.requires_grad_() * 1.0, labels, fc)
     embeddings, labels, fc = bank.tensors()
     assert len(bank) == 6
+    assert not embeddings.requires_grad  # stored detached
     assert embeddings[:, 0].tolist() == [2.0] * 3 + [3.0] * 3
     assert labels.tolist() == [2] * 3 + [3] * 3
     torch.testing.assert_close(fc, torch.tensor([0.2] * 3 + [0.3] * 3))
@@ -283,21 +286,23 @@ def _term(student, teacher, student_labels=LABELS, teacher_labels=LABELS, valid=
                                    **(settings | options))
 
 
-def test_term_equals_the_formula_on_a_hand_made_map() -> None:
-    student, teacher = _embeddings(0), _embeddings(1)
-    teacher_labels = LABELS.clone()
-    teacher_labels[0, 3, 3] = 0  # teacher's bottom-right patch: FC 0
-    loss, stats = _term(student, teacher, teacher_labels=teacher_labels)
+def test_term_equals_the_formula_on_a_hand_made_batch() -> None:
+    student, teacher = _embeddings(0, b=2), _embeddings(1, b=2)
+    student_labels = torch.cat([LABELS, LABELS.flip(1)])  # image 1: the anchor patches are its bottom half
+    teacher_labels = student_labels.clone()
+    teacher_labels[0, 3, 3] = 0  # teacher's bottom-right patch of image 0: FC 0
+    loss, stats = _term(student, teacher, student_labels, teacher_labels)
 
-    fc_s = patch_foreground_ratio(LABELS, 2).reshape(-1)
+    anchors = torch.cat([TOP_HALF, 16 + 8 + TOP_HALF])
+    fc_s = patch_foreground_ratio(student_labels, 2).reshape(-1)
     fc_t = patch_foreground_ratio(teacher_labels, 2).reshape(-1)
     want = naive_patch_contrastive_loss(
-        _flat(student)[TOP_HALF], _flat(teacher)[TOP_HALF], torch.cat([_flat(student), _flat(teacher)]),
-        LABELS.reshape(-1)[TOP_HALF], torch.cat([LABELS.reshape(-1), teacher_labels.reshape(-1)]),
-        fc_s[TOP_HALF], torch.cat([fc_s, fc_t]), temperature=0.1, bdp=BDP, fdp=FDP)
+        _flat(student)[anchors], _flat(teacher)[anchors], torch.cat([_flat(student), _flat(teacher)]),
+        student_labels.reshape(-1)[anchors], torch.cat([student_labels.reshape(-1), teacher_labels.reshape(-1)]),
+        fc_s[anchors], torch.cat([fc_s, fc_t]), temperature=0.1, bdp=BDP, fdp=FDP)
     assert loss.item() == pytest.approx(sum(want) / len(want), rel=1e-5)
-    assert stats["n_anchors"].item() == 8
-    assert stats["bank_size"].item() == 32
+    assert stats["n_anchors"].item() == 16
+    assert stats["bank_size"].item() == 64
 
 
 def test_patch_filter_and_valid_mask_select_anchor_pixels() -> None:
@@ -323,13 +328,15 @@ def test_patch_ratio_at_the_threshold_is_an_anchor_patch() -> None:
     assert stats["n_anchors"].item() == 25
 
 
-def test_patch_filter_off_ignores_fc_for_negatives() -> None:
+def test_negative_counts_with_and_without_patch_filter() -> None:
     student, teacher = _embeddings(0), _embeddings(1)
-    _, filtered = _term(student, teacher)
-    _, plain = _term(student, teacher, patch_filter=False)
-    # anchors of the all-background patch: negatives are the foreground pixels of both views with FC <= 1
-    assert filtered["n_negatives"].item() < plain["n_negatives"].item()
-    assert plain["n_negatives"].item() == pytest.approx((4 * 12 + 12 * 4) / 16)  # 12 bg / 4 fg pixels... per view
+    # the bank holds both views: 14 foreground and 18 background pixels
+    # filtered: background anchors (FC 0) see all 14 foreground pixels (FC sum <= 1); foreground anchors (FC 1)
+    # see only background pixels of FC-0 patches: the top-left patch of both views, 8 pixels
+    assert _term(student, teacher)[1]["n_negatives"].item() == pytest.approx((4 * 14 + 4 * 8) / 8)
+    # no filter: all 9 background anchors see 14 negatives, all 7 foreground anchors see 18
+    assert _term(student, teacher, patch_filter=False)[1]["n_negatives"].item() == pytest.approx(
+        (9 * 14 + 7 * 18) / 16)
 
 
 def test_no_anchor_patch_gives_zero_and_backward_works() -> None:

@@ -107,7 +107,8 @@ def test_mixed_case_every_metric():
 
 
 def test_individual_functions_match_hand_values():
-    assert metrics.pixel_counts(MIXED_GT, MIXED_PRED) == {"intersection": 8, "gt_area": 11, "pred_area": 12, "union": 15}
+    pixels = metrics.pixel_counts(MIXED_GT, MIXED_PRED)
+    assert pixels == {"intersection": 8, "gt_area": 11, "pred_area": 12, "union": 15}
     d = metrics.dice_iou(MIXED_GT, MIXED_PRED)
     assert d["dice"] == pytest.approx(16 / 23) and d["iou"] == pytest.approx(8 / 15) and d["union"] == 15
     assert metrics.aji(MIXED_GT, MIXED_PRED) == {"aji": pytest.approx(8 / 15), "intersection": 8, "union": 15}
@@ -120,7 +121,7 @@ def test_individual_functions_match_hand_values():
                   "tp": 2, "fp": 1, "fn": 1}  # fmt: skip
 
 
-def test_merge_penalised_twice_by_aji_once_by_aji_plus():
+def test_merge_counts_for_both_gts_in_aji_for_one_in_aji_plus():
     got = metrics.evaluate_pair(MERGE_GT, MERGE_PRED)
     assert got["dice"] == pytest.approx(16 / 18) and got["iou"] == pytest.approx(0.8)
     assert (got["aji_intersection"], got["aji_union"]) == (8, 20) and got["aji"] == pytest.approx(0.4)
@@ -162,9 +163,10 @@ def test_perfect_match_with_non_contiguous_ids_is_exactly_one():
     assert (got["tp"], got["fp"], got["fn"], got["n_gt"]) == (3, 0, 0, 3)
 
 
-def test_ids_do_not_change_values():
-    relabelled = np.where(MIXED_PRED > 0, MIXED_PRED * 1000 + 3, 0)
-    assert metrics.evaluate_pair(MIXED_GT, relabelled) == metrics.evaluate_pair(MIXED_GT, MIXED_PRED)
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.uint64])
+def test_ids_and_dtypes_do_not_change_values(dtype):
+    relabelled = np.where(MIXED_PRED > 0, MIXED_PRED * 20 + 3, 0).astype(dtype)  # ids 103, 163, 183
+    assert metrics.evaluate_pair(MIXED_GT.astype(dtype), relabelled) == metrics.evaluate_pair(MIXED_GT, MIXED_PRED)
 
 
 def test_empty_prediction_scores_zero():

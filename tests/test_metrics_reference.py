@@ -186,9 +186,12 @@ def test_agrees_with_reference(crops, crop_index, perturb):
 
 
 def test_perturbations_hurt_as_expected(crops):
-    """Sanity of the fixtures: each perturbation lowers the scores, and a merge hurts AJI more than AJI+."""
+    """Sanity of the fixtures: each perturbation lowers AJI; merges and splits keep the pixels (Dice 1)."""
     gt = crops[0]
     for perturb in PERTURBATIONS:
         assert metrics.evaluate_pair(gt, perturb(gt))["aji"] < 0.95, perturb.__name__
+    for perturb in (merged, split):
+        assert metrics.evaluate_pair(gt, perturb(gt))["dice"] == 1.0
+    # A merged pred counts for both of its GTs in AJI but for one in AJI+ (the other GT goes unpaired).
     merge = metrics.evaluate_pair(gt, merged(gt))
-    assert merge["aji"] < merge["aji_plus"]
+    assert merge["aji_plus"] < merge["aji"]

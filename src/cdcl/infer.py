@@ -22,15 +22,16 @@ if TYPE_CHECKING:
     from cdcl.checkpoint import Predictor
 
 MULTIPLE = 32  # the encoder's total stride: network inputs must be multiples of it
-MIN_WEIGHT = 1e-3  # floor of the blending weight, so pixels seen only by window edges stay well defined
 
 
 def gaussian_weight(window: int | tuple[int, int], sigma_scale: float = 0.125) -> np.ndarray:
     """A ``window x window`` (or ``(h, w)``) float32 blending weight: a Gaussian of sigma ``sigma_scale`` times
-    the side, 1 in the centre, floored at ``MIN_WEIGHT``."""
+    the side, 1 in the centre. At 0.125 a window corner still weighs exp(-16) ~ 1e-7, far from float32
+    underflow, so every covered pixel has a positive total weight, and a pixel near one window's edge takes
+    its value almost entirely from a window where it sits nearer the centre."""
     height, width = (window, window) if isinstance(window, int) else window
     axes = [np.exp(-0.5 * ((np.arange(n) - (n - 1) / 2) / (sigma_scale * n)) ** 2) for n in (height, width)]
-    return np.maximum(np.outer(*axes), MIN_WEIGHT).astype(np.float32)
+    return np.outer(*axes).astype(np.float32)
 
 
 def window_starts(length: int, window: int, overlap: float) -> list[int]:
@@ -44,12 +45,27 @@ def _round_up(n: int, multiple: int = MULTIPLE) -> int:
     return -(-n // multiple) * multiple
 
 
+def window_layout(height: int, width: int, window: int, overlap: float) -> tuple[int, int, list[tuple[int, int]]]:
+    """``(win_h, win_w, corners)``: the window size (``window``, or a shorter image side rounded up to a
+    multiple of 32) and the top-left corners of the windows covering the image once padded to that size."""
+    win_h, win_w = min(window, _round_up(height)), min(window, _round_up(width))
+    rows = window_starts(max(height, win_h), win_h, overlap)
+    cols = window_starts(max(width, win_w), win_w, overlap)
+    return win_h, win_w, [(y, x) for y in rows for x in cols]
+
+
+def pad_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Reflect-pad an image at the bottom/right to at least ``height x width`` (reflection keeps the border
+    statistics closer to tissue than zeros would)."""
+    return np.pad(image, ((0, max(0, height - image.shape[0])), (0, max(0, width - image.shape[1])), (0, 0)), mode="reflect")
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 
 
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
     """Mixed precision on CUDA (bf16 where supported, else fp16); nothing on CPU or without ``amp``."""
     dtype = amp_dtype(device) if amp else None
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
@@ -73,8 +89,8 @@ def sliding_window_probability(
     """Foreground probability (softmax of class 1) of an HxWx3 uint8 image, as an HxW float32 array.
 
     Images of any size are accepted: a side shorter than ``window`` gets one window of that side rounded up to a
-    multiple of 32, and the image is reflect-padded to fill it (reflection keeps the border statistics closer to
-    tissue than zeros would). ``device`` defaults to the model's; ``amp`` enables autocast on CUDA only.
+    multiple of 32, and the image is reflect-padded to fill it. ``device`` defaults to the model's; ``amp``
+    enables autocast on CUDA only.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an HxWx3 uint8 image, got {image.dtype} {image.shape}")
@@ -83,15 +99,14 @@ def sliding_window_probability(
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     height, width = image.shape[:2]
-    win_h, win_w = min(window, _round_up(height)), min(window, _round_up(width))
-    padded = np.pad(image, ((0, max(0, win_h - height)), (0, max(0, win_w - width)), (0, 0)), mode="reflect")
+    win_h, win_w, corners = window_layout(height, width, window, overlap)
+    padded = pad_to(image, win_h, win_w)
     device = torch.device(device) if device is not None else _model_device(model)
     weight = gaussian_weight((win_h, win_w))
     weight_dev = torch.from_numpy(weight).to(device)
     acc = np.zeros(padded.shape[:2], np.float32)
     norm = np.zeros(padded.shape[:2], np.float32)
-    corners = [(y, x) for y in window_starts(padded.shape[0], win_h, overlap) for x in window_starts(padded.shape[1], win_w, overlap)]
-    with torch.inference_mode(), _autocast(device, amp):
+    with torch.inference_mode(), autocast(device, amp):
         for batch in _batches(corners, max(1, batch_size)):
             crops = np.stack([padded[y : y + win_h, x : x + win_w] for y, x in batch])
             x_in = torch.from_numpy(crops).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)

@@ -16,8 +16,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 FC_TOLERANCE = 1e-6
-"""Slack in every foreground-ratio comparison, so that e.g. a patch ratio 1/5 stored as float32 (0.2000000030)
-still counts as ``<= bdp = 0.2`` and ``0.2 + 0.8 <= 1.0`` is not lost to rounding."""
+"""Slack in every foreground-ratio comparison: ratios are float32 and thresholds Python floats, so a sum exactly
+at the limit can round to either side (with bdp 0.3 and fdp 0.6, ``0.3 + 0.6 <= 0.9`` fails without it)."""
 
 
 def sigmoid_rampup(t: float, length: float) -> float:
@@ -72,21 +72,21 @@ def confident_cross_entropy(student_logits: Tensor, teacher_probs: Tensor, thres
     return _masked_mean(per_pixel, confident), confident.float().mean()
 
 
-def _patch_bounds(size: int, grid: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Split ``size`` positions into ``grid`` contiguous parts: part of position r is ``floor(r * grid / size)``.
-
-    Returns (part index per position, part starts, part ends) on the CPU; part sizes differ by at most one.
-    """
-    starts = torch.tensor([(i * size + grid - 1) // grid for i in range(grid + 1)])
-    return torch.arange(size) * grid // size, starts[:-1], starts[1:]
-
-
 def _part_sums(counts: Tensor, dim: int, grid: int) -> tuple[Tensor, Tensor]:
-    """Sums of integer ``counts`` over the ``grid`` parts of ``dim`` (exact, deterministic: cumsum differences)."""
-    part, starts, ends = (t.to(counts.device) for t in _patch_bounds(counts.shape[dim], grid))
+    """Sums of integer ``counts`` over ``grid`` contiguous parts of ``dim`` (exact and deterministic: differences
+    of a cumulative sum), and the part index of each position, ``floor(r * grid / size)``."""
+    size = counts.shape[dim]
+    bounds = torch.tensor([(i * size + grid - 1) // grid for i in range(grid + 1)], device=counts.device)
     cumulative = F.pad(counts.cumsum(dim), (1, 0) if dim == -1 else (0, 0, 1, 0))
-    sums = cumulative.index_select(dim, ends) - cumulative.index_select(dim, starts)
-    return sums, part
+    sums = cumulative.index_select(dim, bounds[1:]) - cumulative.index_select(dim, bounds[:-1])
+    return sums, torch.arange(size, device=counts.device) * grid // size
+
+
+def _patch_sums(counts: Tensor, grid: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, grid, grid) sums of (B,H,W) integer ``counts`` per patch, and the patch row / column of each row / column."""
+    row_sums, row_part = _part_sums(counts, -2, grid)
+    sums, col_part = _part_sums(row_sums, -1, grid)
+    return sums, row_part, col_part
 
 
 def patch_foreground_ratio(labels: Tensor, grid: int) -> Tensor:
@@ -98,14 +98,10 @@ def patch_foreground_ratio(labels: Tensor, grid: int) -> Tensor:
     """
     if grid < 1:
         raise ValueError(f"patch grid must be >= 1, got {grid}")
-    foreground = (labels == 1).long()
-    row_sums, row_part = _part_sums(foreground, -2, grid)
-    patch_sums, col_part = _part_sums(row_sums, -1, grid)
-    _, row_start, row_end = _patch_bounds(labels.shape[-2], grid)
-    _, col_start, col_end = _patch_bounds(labels.shape[-1], grid)
-    sizes = ((row_end - row_start)[:, None] * (col_end - col_start)[None, :]).clamp_min(1).to(labels.device)
-    ratio = patch_sums.float() / sizes.float()
-    return ratio[:, row_part.to(labels.device)][:, :, col_part.to(labels.device)]
+    foreground, row_part, col_part = _patch_sums((labels == 1).long(), grid)
+    sizes, _, _ = _patch_sums(torch.ones_like(labels[:1], dtype=torch.long), grid)
+    ratio = foreground.float() / sizes.clamp_min(1).float()
+    return ratio[:, row_part][:, :, col_part]
 
 
 def _negative_mask(anchor_labels: Tensor, bank_labels: Tensor, anchor_fc: Tensor, bank_fc: Tensor,
@@ -123,8 +119,7 @@ def _contrastive_chunk(anchors: Tensor, positives: Tensor, bank: Tensor, anchor_
         scaled = anchors.to(dtype) / temperature
         positive = (scaled * positives.to(dtype)).sum(dim=1, keepdim=True)
         negative = scaled @ bank.to(dtype).T
-        negative = negative.masked_fill(~_negative_mask(anchor_labels, bank_labels, anchor_fc, bank_fc, limit),
-                                        -math.inf)
+        negative.masked_fill_(~_negative_mask(anchor_labels, bank_labels, anchor_fc, bank_fc, limit), -math.inf)
         # logsumexp subtracts the row max (the finite positive logit at worst): stable for tiny temperatures, and
         # exactly 0 for an anchor without negatives, since logsumexp([x]) == x.
         return torch.logsumexp(torch.cat([positive, negative], dim=1), dim=1) - positive[:, 0]
@@ -151,7 +146,8 @@ def patch_contrastive_loss(anchors: Tensor, positives: Tensor, bank: Tensor, anc
     limit = bdp + fdp
     bank = bank.reshape(-1, anchors.shape[1]) if bank.numel() else bank.new_zeros(0, anchors.shape[1])
     starts = range(0, anchors.shape[0], chunk_size)
-    recompute = len(starts) > 1 and torch.is_grad_enabled()
+    recompute = len(starts) > 1 and torch.is_grad_enabled() and any(
+        t.requires_grad for t in (anchors, positives, bank))
     losses = []
     for start in starts:
         rows = slice(start, start + chunk_size)
@@ -302,7 +298,7 @@ def cross_patch_contrastive(student_emb: Tensor, teacher_emb: Tensor, student_la
              "bank_size": torch.full((), float(bank_emb.shape[0]), device=device)}
     if anchors.shape[0] == 0:
         stats["n_negatives"] = torch.zeros((), device=device)
-        return student_emb.sum() * 0.0, stats
+        return student_emb.sum() * 0.0 + 0.0, stats  # 0 on the graph (+ 0.0: no "-0.0" in the logs)
     anchor_labels, anchor_fc = anchor_labels[anchors], anchor_fc[anchors]
     per_anchor = patch_contrastive_loss(_pixel_rows(student_emb, anchors), _pixel_rows(teacher_emb, anchors),
                                         bank_emb, anchor_labels, bank_labels, anchor_fc, bank_fc,

@@ -55,9 +55,20 @@ class _Overlap:
 
 
 def _index_map(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pixel instance index (-1 for background) and the area of each instance, in increasing id order."""
+    """Per-pixel instance index (-1 for background) and the area of each instance, in increasing id order.
+
+    Ids no larger than the pixel count go through an O(n) bincount lookup table; larger ones through a sort.
+    """
     fg = labels > 0
-    _, inverse, areas = np.unique(labels[fg], return_inverse=True, return_counts=True)
+    values = labels[fg]
+    if values.size and values.max() <= labels.size:
+        counts = np.bincount(values.astype(np.intp, copy=False))
+        ids = np.flatnonzero(counts)
+        lookup = np.zeros(len(counts), dtype=np.int64)
+        lookup[ids] = np.arange(len(ids))
+        inverse, areas = lookup[values], counts[ids]
+    else:
+        _, inverse, areas = np.unique(values, return_inverse=True, return_counts=True)
     index = np.full(labels.shape, -1, dtype=np.int64)
     index[fg] = inverse.ravel()
     return index, areas.astype(np.int64)
@@ -70,8 +81,8 @@ def _overlap(gt: np.ndarray, pred: np.ndarray) -> _Overlap:
     for name, arr in (("gt", gt), ("pred", pred)):
         if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
             raise ValueError(f"{name} must be an integer label map, got dtype {arr.dtype}")
-    gt_index, gt_areas = _index_map(gt)
-    pred_index, pred_areas = _index_map(pred)
+    gt_index, gt_areas = _index_map(gt.view(np.uint8) if gt.dtype == bool else gt)
+    pred_index, pred_areas = _index_map(pred.view(np.uint8) if pred.dtype == bool else pred)
     both = (gt_index >= 0) & (pred_index >= 0)
     n_pred = max(len(pred_areas), 1)
     codes, inter = np.unique(gt_index[both] * n_pred + pred_index[both], return_counts=True)
@@ -213,7 +224,7 @@ def aji(gt: np.ndarray, pred: np.ndarray) -> dict:
 
     Each GT nucleus G_i is paired with the pred nucleus S_j of largest IoU with it (ties: the smallest pred id);
     C += |G_i & S_j|, U += |G_i | S_j|. A pred may be paired with several GTs (its area then counts once per
-    pairing, the over-penalisation AJI+ removes). A GT overlapping no pred adds |G_i| to U; every pred paired
+    pairing; AJI+ forbids this). A GT overlapping no pred adds |G_i| to U; every pred paired
     with no GT adds its area to U. AJI = C / U.
     """
     ov = _overlap(gt, pred)

@@ -99,7 +99,8 @@ def polygon_mask(polygon: np.ndarray, shape: tuple[int, int]) -> tuple[tuple[int
         return None
     crossings = _row_crossings(polygon, np.arange(r0, r1, dtype=np.float64) + 1.0)
     # Even-odd rule: x is inside when an odd number of crossings lie strictly right of it, i.e. when
-    # x_(2k-1) <= x < x_(2k) for sorted crossings; for integer x = c + 1 that is ceil(x_(2k-1)) - 1 <= c < ceil(x_(2k)) - 1.
+    # x_(2k-1) <= x < x_(2k) for sorted crossings; for integer x = c + 1 that is
+    # ceil(x_(2k-1)) - 1 <= c < ceil(x_(2k)) - 1: column intervals, filled with +1/-1 steps and a cumulative sum.
     columns = np.clip(np.ceil(crossings) - 1 - c0, 0, c1 - c0).astype(np.int64)
     n_rows, n_cols = r1 - r0, c1 - c0
     row_offset = (np.arange(n_rows) * (n_cols + 1))[:, None]

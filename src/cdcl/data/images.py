@@ -8,7 +8,9 @@ decoded, so a tiny file declaring a huge image (a decompression bomb) is refused
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import tifffile
@@ -22,6 +24,7 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "image_size",
     "max_image_pixels",
+    "read_foreground",
     "read_image",
     "read_label_image",
 ]
@@ -34,6 +37,7 @@ Pillow's own decompression-bomb cap (2 x ``PIL.Image.MAX_IMAGE_PIXELS``, about 1
 to PNG, JPEG and BMP files; it is never loosened here, because that would switch it off for the whole process.
 """
 
+T = TypeVar("T")
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _PIL_TO_RGB = {"1": "L", "P": "RGBA", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
 
@@ -78,61 +82,70 @@ def read_image(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(pixels)
 
 
-def read_label_image(path: str | Path, *, components: bool = True) -> np.ndarray:
+def read_label_image(path: str | Path) -> np.ndarray:
     """H x W int32 instance label map (0 = background) from a mask file.
 
     Integer instance maps (uint8, uint16, int32, palette indices) are kept as they are, ids need not be
     contiguous. A binary mask (values {0, v} only) is split into connected components with 4-connectivity, so
-    nuclei touching only at a corner become separate instances; ``components=False`` skips this and returns the
-    values unchanged. Refused with CdclError: negative values, non-integral float values, and colour masks whose
-    channels differ (a colour-coded mask is ambiguous: save instance ids in one channel).
+    nuclei touching only at a corner become separate instances. Refused with CdclError: negative values,
+    non-integral float values, and colour masks whose channels differ (a colour-coded mask is ambiguous: save
+    instance ids in one channel).
     """
     path = Path(path)
-    values = _single_channel(_decode(path, photometric=False), path)
-    values = _as_int32(values, path)
-    if components and _is_binary(values):
+    values = _as_int32(_single_channel(_decode(path, photometric=False), path), path)
+    if _is_binary(values):
         return connected_components(values > 0, connectivity=1).astype(np.int32)
     return values
 
 
+def read_foreground(path: str | Path) -> np.ndarray:
+    """H x W bool, True where a mask file is non-zero: one object per file, as DSB2018 stores its nuclei."""
+    path = Path(path)
+    return _single_channel(_decode(path, photometric=False), path) != 0
+
+
 def image_size(path: str | Path) -> tuple[int, int]:
     """(height, width) of an image file from its header alone (nothing is decoded)."""
-    path = Path(path)
-    _check_file(path)
-    try:
-        if _is_tiff(path):
-            with tifffile.TiffFile(path) as tif:
-                page = _first_page(tif, path)
-                return int(page.imagelength), int(page.imagewidth)
-        with Image.open(path) as im:
-            return int(im.height), int(im.width)
-    except CdclError:
-        raise
-    except Exception as exc:  # decoders raise many exception types; each means "not a readable image"
-        raise _unreadable(path, exc) from None
+    return _guarded(Path(path), _header_size)
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    if _is_tiff(path):
+        with tifffile.TiffFile(path) as tif:
+            page = _first_page(tif, path)
+            return int(page.imagelength), int(page.imagewidth)
+    with _open_pil(path) as im:
+        return int(im.height), int(im.width)
 
 
 def _decode(path: Path, *, photometric: bool) -> np.ndarray:
     """Pixels as the file stores them (after the size check): (H, W) or (H, W, C), native dtype."""
+    return _guarded(path, lambda p: (_decode_tiff if _is_tiff(p) else _decode_pil)(p, photometric))
+
+
+def _guarded(path: Path, read: Callable[[Path], T]) -> T:
+    """``read(path)`` with every failure turned into a CdclError naming ``path``."""
     _check_file(path)
     try:
-        if _is_tiff(path):
-            return _decode_tiff(path, photometric)
-        return _decode_pil(path, photometric)
+        return read(path)
     except CdclError:
         raise
     except MemoryError:
         raise CdclError("not enough memory to decode this image", path) from None
     except Exception as exc:  # decoders raise many exception types; each means "not a readable image"
-        raise _unreadable(path, exc) from None
+        detail = str(exc).strip()
+        raise CdclError(f"not a readable image ({type(exc).__name__}{': ' + detail if detail else ''})", path) from None
+
+
+def _open_pil(path: Path) -> Image.Image:
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise CdclError(f"image declares too many pixels, refused as a decompression bomb ({exc})", path) from None
 
 
 def _decode_pil(path: Path, photometric: bool) -> np.ndarray:
-    try:
-        im = Image.open(path)
-    except Image.DecompressionBombError as exc:
-        raise CdclError(f"image declares too many pixels, refused as a decompression bomb ({exc})", path) from None
-    with im:
+    with _open_pil(path) as im:
         _check_pixels(im.height, im.width, path)
         if im.mode.startswith("I;16"):
             return np.asarray(im).astype(np.uint16)
@@ -190,11 +203,6 @@ def _is_tiff(path: Path) -> bool:
         return fh.read(4) in _TIFF_MAGIC
 
 
-def _unreadable(path: Path, exc: Exception) -> CdclError:
-    detail = str(exc).strip()
-    return CdclError(f"not a readable image ({type(exc).__name__}{': ' + detail if detail else ''})", path)
-
-
 def _single_channel(values: np.ndarray, path: Path) -> np.ndarray:
     if values.ndim == 3 and values.shape[2] in (2, 4):  # drop alpha
         values = values[:, :, : values.shape[2] - 1]
@@ -210,8 +218,8 @@ def _single_channel(values: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _as_int32(values: np.ndarray, path: Path) -> np.ndarray:
-    if values.dtype == bool:
-        return values.astype(np.int32)
+    if values.dtype == bool or (values.dtype.kind == "u" and values.dtype.itemsize <= 2):
+        return values.astype(np.int32)  # cannot be negative or overflow: skip the scans below
     if values.dtype.kind == "f":
         if not np.isfinite(values).all() or (values != np.round(values)).any():
             raise CdclError("float mask with non-integral values (expected integer instance ids)", path)

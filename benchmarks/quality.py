@@ -1,0 +1,236 @@
+"""Label-budget sweep and ablations on real data: train, evaluate on the held-out test images, tabulate.
+
+Every run is ``cdcl train`` (resumable: re-running continues) then ``cdcl evaluate`` on the split's test list.
+Finished runs are skipped; each result is merged into ``benchmarks/results/quality.json`` as soon as it
+exists, and the Markdown table and plot are rewritten, so an interrupted sweep loses at most one run.
+
+    python benchmarks/quality.py --list                      # the planned runs, in order
+    python benchmarks/quality.py --only monuseg/1-16         # run (or resume) a subset
+    python benchmarks/quality.py --report                    # rewrite table + plot from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+RUNS = ROOT / "runs"
+METHODS = ("supervised", "mean_teacher", "fixmatch", "cdcl")
+METRICS = ("dice", "iou", "aji", "pq")
+FRACTIONS = {"1-32": 1 / 32, "1-16": 1 / 16, "1-8": 1 / 8, "full": 1.0}
+ABLATIONS = {
+    "cdcl-no-contrastive": ["method.w_contr=0"],
+    "cdcl-no-patch-filter": ["method.patch_filter=false"],
+    "cdcl-no-bank": ["method.use_bank=false"],
+    "cdcl-no-entropy": ["method.use_entropy=false"],
+}
+
+
+@dataclass
+class Run:
+    dataset: str
+    budget: str
+    seed: int
+    name: str  # method name or ablation name
+    method: str
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}/{self.budget}/seed{self.seed}/{self.name}"
+
+    @property
+    def split_dir(self) -> Path:
+        return Path("splits") / self.dataset / self.budget / f"seed{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return RUNS / self.key
+
+
+def plan() -> list[Run]:
+    """The order matters: the headline comparisons first, so an interrupted sweep has them."""
+    runs: list[Run] = []
+    for seed in (0, 1, 2):
+        for budget in ("1-16", "1-32"):
+            for method in ("supervised", "cdcl", "mean_teacher", "fixmatch"):
+                runs.append(Run("monuseg", budget, seed, method, method))
+    for seed in (0, 1, 2):
+        runs.append(Run("monuseg", "full", seed, "supervised", "supervised"))
+        for method in ("supervised", "cdcl", "mean_teacher", "fixmatch"):
+            runs.append(Run("monuseg", "1-8", seed, method, method))
+    for name, overrides in ABLATIONS.items():
+        runs.append(Run("monuseg", "1-8", 0, name, "cdcl", overrides))
+    for method in METHODS:
+        runs.append(Run("dsb2018", "1-8", 0, method, method))
+    return runs
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def load_results() -> dict:
+    path = RESULTS / "quality.json"
+    return json.loads(path.read_text()) if path.exists() else {"runs": {}}
+
+
+def save_results(results: dict) -> None:
+    from cdcl.io import write_json_atomic
+
+    write_json_atomic(RESULTS / "quality.json", results)
+
+
+def cdcl(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cdcl.cli", *args]
+
+
+def ensure_split(run: Run) -> None:
+    if (run.split_dir / "labeled.txt").exists():
+        return
+    data = {"monuseg": "../shared/data/monuseg", "dsb2018": "../shared/data/dsb2018"}[run.dataset]
+    subprocess.run(cdcl("split", data, "--format", run.dataset, "--labeled", str(FRACTIONS[run.budget]),
+                        "--seed", str(run.seed), "--out", str(run.split_dir)), cwd=ROOT, check=True)
+
+
+def execute(run: Run, extra: list[str]) -> dict:
+    """Train (or resume) and evaluate one run; returns its JSON record."""
+    ensure_split(run)
+    config = ROOT / "configs" / f"{run.dataset}_{run.method}.yaml"
+    sets = [f"data.split_dir={run.split_dir}", f"train.seed={run.seed}", *run.overrides, *extra]
+    train_cmd = cdcl("train", "--config", str(config.relative_to(ROOT)), *[a for s in sets for a in ("--set", s)],
+                     "--out", str(run.run_dir.relative_to(ROOT)))
+    subprocess.run(train_cmd, cwd=ROOT, check=True)
+    data = {"monuseg": "../shared/data/monuseg", "dsb2018": "../shared/data/dsb2018"}[run.dataset]
+    eval_dir = run.run_dir / "eval_test"
+    eval_cmd = cdcl("evaluate", "--checkpoint", str(run.run_dir / "best.pt"), "--data", data, "--format", run.dataset,
+                    "--split", str(run.split_dir / "test.txt"), "--out", str(eval_dir), "--no-overlays")
+    start = time.time()
+    subprocess.run(eval_cmd, cwd=ROOT, check=True)
+    eval_s = time.time() - start
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    log = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [(r["iteration"], r["val/dice"]) for r in log if "val/dice" in r]
+    steps = [r for r in log if "s_per_iter" in r]
+    s_per_iter = [r["s_per_iter"] for r in steps]
+    train_s = sum(r["s_per_iter"] * (r["iteration"] - prev["iteration"]) for prev, r in zip([{"iteration": 0}] + steps, steps))
+    return {
+        "dataset": run.dataset, "budget": run.budget, "seed": run.seed, "name": run.name, "method": run.method,
+        "mean": metrics["mean"], "pooled": metrics["pooled"], "val_dice_curve": val,
+        "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
+        "median_s_per_iter": sorted(s_per_iter)[len(s_per_iter) // 2] if s_per_iter else None,
+        "train_command": " ".join(train_cmd[2:]).replace("-m cdcl.cli", "cdcl"), "eval_command": " ".join(eval_cmd[2:]),
+        "commit": git_commit(), "machine": machine(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    m = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{m:.3f} (n=1)"
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    return f"{m:.3f} ± {sd:.3f} (n={len(values)})"
+
+
+def report(results: dict) -> None:
+    """Markdown table (mean ± sd over seeds of per-image means on the test images) and a plot."""
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for rec in results["runs"].values():
+        groups.setdefault((rec["dataset"], rec["budget"], rec["name"]), []).append(rec)
+    order = {b: i for i, b in enumerate(FRACTIONS)}
+    lines = ["| dataset | labeled | method | " + " | ".join(METRICS) + " | val Dice at end of training | s/iter |",
+             "|---|---|---|" + "---|" * (len(METRICS) + 2)]
+    for (ds, budget, name), recs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 9), kv[0][2])):
+        cells = [mean_sd([r["mean"][k] for r in recs]) for k in METRICS]
+        last_val = mean_sd([r["val_dice_curve"][-1][1] for r in recs if r["val_dice_curve"]])
+        spi = [r["median_s_per_iter"] for r in recs if r.get("median_s_per_iter")]
+        spi_text = f"{sum(spi) / len(spi):.2f}" if spi else "-"
+        lines.append(f"| {ds} | {budget.replace('-', '/')} | {name} | " + " | ".join(cells) + f" | {last_val} | {spi_text} |")
+    text = ("Per-image mean over the test images; ± is the sample standard deviation over seeded splits "
+            "(n = number of seeds).\n\n" + "\n".join(lines) + "\n")
+    (RESULTS / "quality.md").write_text(text)
+    plot(groups)
+
+
+def plot(groups: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("dice", "aji")):
+        for method in METHODS:
+            xs, ys, es = [], [], []
+            for budget, frac in FRACTIONS.items():
+                recs = groups.get(("monuseg", budget, method), [])
+                if not recs:
+                    continue
+                vals = [r["mean"][metric] for r in recs]
+                m = sum(vals) / len(vals)
+                xs.append(frac)
+                ys.append(m)
+                es.append(math.sqrt(sum((v - m) ** 2 for v in vals) / max(1, len(vals) - 1)) if len(vals) > 1 else 0)
+            if xs:
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("labeled fraction of MoNuSeg training tiles")
+        ax.set_ylabel(metric.upper() if metric != "dice" else "Dice")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("MoNuSeg test images (cpu-small preset)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "quality.png", dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", action="append", default=[], help="run keys starting with this prefix (repeatable)")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--report", action="store_true")
+    parser.add_argument("--set", action="append", default=[], help="extra config override for every run")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    runs = [r for r in plan() if not args.only or any(r.key.startswith(p) for p in args.only)]
+    results = load_results()
+    if args.list:
+        for r in runs:
+            print(("done  " if r.key in results["runs"] else "todo  ") + r.key)
+        return
+    if not args.report:
+        for run in runs:
+            if run.key in results["runs"]:
+                continue
+            print(f"=== {run.key}", flush=True)
+            record = execute(run, args.set)
+            results = load_results()
+            results["runs"][run.key] = record
+            save_results(results)
+            report(results)
+    report(results)
+
+
+if __name__ == "__main__":
+    main()

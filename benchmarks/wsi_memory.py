@@ -1,0 +1,240 @@
+"""Peak memory and throughput of `cdcl predict-wsi` on a small and a 16x larger pyramidal TIFF.
+
+Builds two all-tissue slides (default 4096^2 and 16384^2 px, 0.25 um/px) by tiling the real MoNuSeg training
+images, runs `cdcl predict-wsi` on each under `/usr/bin/time -v`, and writes benchmarks/results/wsi_memory.json
+and .md with:
+
+- peak resident memory per run: GNU time's "Maximum resident set size" (the largest single process), and the
+  peak summed over the whole process tree (main + DataLoader readers + post-processing pool), sampled from
+  /proc every 0.2 s; the check is large/small <= 1.3;
+- end-to-end throughput: tile-core megapixels per second of the prediction phase, from the run's summary.json
+  (slide opening, model loading and the final GeoJSON/CSV/overlay writing are reported separately);
+- the model's bare forward-pass throughput on the same tiles: the small slide's tiles with their halo, cut
+  into exactly the windows and batches sliding_window_probability uses, already on the device, timed with
+  the device synchronised; the check is end-to-end / bare >= 0.8.
+
+    python benchmarks/wsi_memory.py --checkpoint runs/x/best.pt [--device cuda] [--workers 8]
+    python benchmarks/wsi_memory.py --stand-in --sizes 2048 8192      # pipeline only, no trained model
+
+`--stand-in` replaces the checkpoint by the pointwise stand-in model of tests/make_slide.py: it measures the
+streaming machinery (reading, stitching, post-processing, writing) but not a real network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # make_slide: slide builder and stand-in model shared with the tests
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from cdcl.infer import autocast, pad_to, window_layout  # noqa: E402
+from cdcl.slide import Grid, choose_level, open_slide  # noqa: E402
+
+SHARED_DATA = REPO.parent / "shared" / "data"
+STAND_IN_WINDOW = 256
+
+
+def build_slide(folder: Path, side: int) -> Path:
+    """An all-tissue side x side pyramidal TIFF of MoNuSeg tiles (JPEG tiles, like scanner output)."""
+    from make_slide import monuseg_mosaic, write_pyramid
+
+    path = folder / f"monuseg_{side}.tif"
+    write_pyramid(path, monuseg_mosaic(SHARED_DATA, side, side), mpp=0.25, compression="jpeg")
+    return path
+
+
+def tree_rss_kb(pid: int) -> int:
+    """Resident memory of a process and all its descendants (kB), from /proc."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f"/proc/{p}/status") as fh:
+                total += next((int(line.split()[1]) for line in fh if line.startswith("VmRSS:")), 0)
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as fh:
+                    stack.extend(int(c) for c in fh.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def run_predict_wsi(slide: Path, out: Path, args: argparse.Namespace, checkpoint: str) -> dict:
+    """One `cdcl predict-wsi` run under /usr/bin/time -v; peak RSS (largest process and whole tree) + summary."""
+    cli = [sys.executable, str(Path(__file__).resolve()), "--child-stand-in"] if args.stand_in else [sys.executable, "-m", "cdcl.cli"]
+    command = ["/usr/bin/time", "-v", *cli, "predict-wsi", "--checkpoint", checkpoint, str(slide), "--out", str(out),
+               "--tile", str(args.tile), "--workers", str(args.workers), "--device", args.device]
+    if args.batch_size:
+        command += ["--batch-size", str(args.batch_size)]
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    peak_tree = [0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            peak_tree[0] = max(peak_tree[0], tree_rss_kb(proc.pid))
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, stderr = proc.communicate()
+    sampler.join()
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"predict-wsi failed on {slide.name}:\n{stderr[-3000:]}")
+    max_rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr).group(1))
+    summary = json.loads((out / "summary.json").read_text())
+    return {"slide_px": summary["level0_size"], "tiles": summary["tiles"]["tissue"], "nuclei": summary["nuclei"],
+            "peak_rss_mb": round(max_rss_kb / 1024, 1), "peak_tree_rss_mb": round(peak_tree[0] / 1024, 1),
+            "megapixels": summary["megapixels_predicted"], "seconds_predict": summary["seconds_predict"],
+            "seconds_command": round(wall, 2), "megapixels_per_s": summary["megapixels_per_s"],
+            "megapixels_per_s_command": round(summary["megapixels_predicted"] / wall, 3)}
+
+
+def bare_forward(predictor, slide: Path, tile: int, halo: int, repeats: int = 3) -> dict:
+    """Megapixels (tile cores) per second of the model alone on the slide's tiles, windows pre-cut on device."""
+    reader = open_slide(slide)
+    grid = Grid.for_slide(reader, *choose_level(reader, predictor.mpp), tile, halo)
+    batches, megapixels = [], 0.0
+    for core in grid.cores():
+        image = grid.read(reader, grid.box(core))
+        win_h, win_w, corners = window_layout(*image.shape[:2], predictor.window, predictor.overlap)
+        image = pad_to(image, win_h, win_w)
+        crops = np.stack([image[y : y + win_h, x : x + win_w] for y, x in corners])
+        for i in range(0, len(crops), predictor.batch_size):
+            batches.append(torch.from_numpy(crops[i : i + predictor.batch_size]).to(predictor.device).permute(0, 3, 1, 2).float() / 255)
+        megapixels += (core[2] - core[0]) * (core[3] - core[1]) / 1e6
+    sync = torch.cuda.synchronize if predictor.device.type == "cuda" else (lambda: None)
+    times = []
+    with torch.inference_mode(), autocast(predictor.device, predictor.amp):
+        for _ in range(repeats + 1):  # the first pass warms up (cuDNN autotuning, allocator)
+            sync()
+            start = time.perf_counter()
+            for batch in batches:
+                predictor.model(batch)
+            sync()
+            times.append(time.perf_counter() - start)
+    best = min(times[1:])
+    return {"tiles": len(grid.cores()), "windows": sum(len(b) for b in batches), "megapixels": round(megapixels, 3),
+            "seconds": round(best, 3), "megapixels_per_s": round(megapixels / best, 3)}
+
+
+def load(args: argparse.Namespace):
+    if args.stand_in:
+        from make_slide import stand_in_predictor
+
+        return stand_in_predictor(window=STAND_IN_WINDOW, batch_size=args.batch_size or 8)
+    from cdcl.checkpoint import load_predictor
+
+    return load_predictor(args.checkpoint, device=args.device, batch_size=args.batch_size)
+
+
+def write_report(result: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "wsi_memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    small, large = result["runs"]
+    lines = [
+        "# predict-wsi: peak memory and throughput", "",
+        f"Command: `{result['command']}`  ",
+        f"Model: {result['model']}; device: {result['device']}; {result['cpus']} CPUs; torch {result['torch']}; "
+        f"tile {result['tile']}, workers {result['workers']}", "",
+        "| slide (px) | tissue tiles | nuclei | peak RSS, largest process (MB) | peak RSS, process tree (MB) | "
+        "predict MP/s | command MP/s | predict s | command s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        lines.append(f"| {r['slide_px'][0]} x {r['slide_px'][1]} | {r['tiles']} | {r['nuclei']} | {r['peak_rss_mb']} | "
+                     f"{r['peak_tree_rss_mb']} | {r['megapixels_per_s']} | {r['megapixels_per_s_command']} | "
+                     f"{r['seconds_predict']} | {r['seconds_command']} |")
+    bare = result["bare_forward"]
+    lines += [
+        "",
+        f"- Peak RSS ratio large/small: **{result['rss_ratio']}** (largest process), {result['tree_rss_ratio']} "
+        f"(process tree); target <= 1.3: {'met' if result['rss_ratio'] <= 1.3 else 'NOT met'}.",
+        f"- Bare forward pass on the small slide's {bare['tiles']} tiles ({bare['windows']} windows): "
+        f"{bare['megapixels_per_s']} MP/s.",
+        f"- End-to-end / bare throughput: **{result['throughput_ratio']}** (large slide, prediction phase); "
+        f"{result['throughput_ratio_small']} (small slide); target >= 0.8: "
+        f"{'met' if result['throughput_ratio'] >= 0.8 else 'NOT met'}.",
+        "",
+        "Megapixels are tile-core pixels at the model's resolution. 'predict' times the tile loop (read, "
+        "predict, post-process, journal); 'command' is the whole process: start-up, model loading, tissue mask, "
+        "and writing GeoJSON, CSV and overlay.",
+    ]
+    (out_dir / "wsi_memory.md").write_text("\n".join(lines) + "\n")
+
+
+def child_stand_in(argv: list[str]) -> int:
+    """`cdcl <argv>` with the stand-in predictor in place of the checkpoint (``--stand-in`` runs)."""
+    import cdcl.wsi
+    from cdcl.cli import main
+    from make_slide import stand_in_predictor
+
+    cdcl.wsi.load_predictor = lambda path, device, batch_size: stand_in_predictor(window=STAND_IN_WINDOW, batch_size=batch_size or 8)
+    return main(argv)
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-stand-in":
+        return child_stand_in(sys.argv[2:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="a checkpoint written by `cdcl train`")
+    model.add_argument("--stand-in", action="store_true", help="pipeline only: the pointwise stand-in model")
+    parser.add_argument("--sizes", type=int, nargs=2, default=[4096, 16384], metavar=("SMALL", "LARGE"))
+    parser.add_argument("--tile", type=int, default=1024)
+    parser.add_argument("--halo", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--keep", type=Path, default=None, help="build slides and outputs here and keep them")
+    args = parser.parse_args()
+    if not Path("/usr/bin/time").exists():
+        raise SystemExit("/usr/bin/time is missing: apt-get install -y time")
+    work = args.keep or Path(tempfile.mkdtemp(prefix="cdcl-wsi-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        checkpoint = args.checkpoint or str(work / "stand-in.pt")
+        if args.stand_in:
+            Path(checkpoint).write_bytes(b"stand-in model: see tests/make_slide.py")
+        slides = [build_slide(work, side) for side in args.sizes]
+        runs = [run_predict_wsi(slide, work / f"out_{slide.stem}", args, checkpoint) for slide in slides]
+        predictor = load(args)
+        bare = bare_forward(predictor, slides[0], args.tile, args.halo)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    device = torch.cuda.get_device_name(predictor.device) if predictor.device.type == "cuda" else platform.processor() or "cpu"
+    result = {
+        "command": " ".join(["python", "benchmarks/wsi_memory.py", *sys.argv[1:]]),
+        "model": "stand-in (pointwise, tests/make_slide.py)" if args.stand_in else args.checkpoint,
+        "device": device, "cpus": os.cpu_count(), "torch": torch.__version__, "tile": args.tile, "halo": args.halo,
+        "workers": args.workers, "window": predictor.window, "batch_size": predictor.batch_size, "amp": predictor.amp,
+        "runs": runs, "bare_forward": bare,
+        "rss_ratio": round(runs[1]["peak_rss_mb"] / runs[0]["peak_rss_mb"], 3),
+        "tree_rss_ratio": round(runs[1]["peak_tree_rss_mb"] / runs[0]["peak_tree_rss_mb"], 3),
+        "throughput_ratio": round(runs[1]["megapixels_per_s"] / bare["megapixels_per_s"], 3),
+        "throughput_ratio_small": round(runs[0]["megapixels_per_s"] / bare["megapixels_per_s"], 3),
+    }
+    write_report(result, args.out)
+    print((args.out / "wsi_memory.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

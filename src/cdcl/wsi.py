@@ -1,0 +1,245 @@
+"""``cdcl predict-wsi``: nuclei of a whole-slide image, streamed tile by tile with bounded memory.
+
+Pipeline: choose the pyramid level matching the checkpoint's microns-per-pixel -> tissue mask on a thumbnail ->
+tissue tiles read (with a halo) by DataLoader workers, each opening its own reader -> sliding-window
+probability on the accelerator -> post-processing and measurements in a process pool -> one JSON line per
+finished tile in ``<stem>.partial/tiles.jsonl`` -> at the end GeoJSON, CSV and overlay are streamed from that
+journal and renamed into place atomically.
+
+Seam rule: every tile is predicted together with a ``halo`` of context around its core (the tile grid
+cell), and a nucleus is kept only by the tile whose core contains its centroid. Cores tile the slide without
+overlap, so each nucleus is kept once; a halo wider than the largest nucleus makes it whole in that tile.
+(Should two neighbouring tiles segment the same nucleus differently, each judges its own version, so a nucleus
+whose centroid sits right on a seam can in rare cases be kept twice or not at all.)
+
+Memory does not grow with slide size: no slide-sized array is ever built; the tissue mask and the overlay
+live at thumbnail scale; tiles in flight are bounded by the worker counts.
+
+Resume: ``tiles.jsonl`` records finished tiles; ``run.json`` records the settings. Re-running the same command
+continues after the finished tiles (a truncated last line is dropped); changed settings start over. Final
+files appear only complete; the journal is removed once they are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from cdcl import __version__
+from cdcl.checkpoint import Predictor, load_predictor
+from cdcl.errors import CdclError
+from cdcl.export import NUCLEUS_COLOR, csv_stream, geojson_stream, nucleus_feature
+from cdcl.infer import sliding_window_probability
+from cdcl.io import ensure_writable_dir, write_json_atomic
+from cdcl.slide import Grid, SlideReader, choose_level, open_slide, tile_nuclei_json, tissue_mask, tissue_tiles
+from cdcl.viz import save_png
+
+log = logging.getLogger(__name__)
+
+THUMB_SIDE = 2048  # thumbnail for the tissue mask and the overlay: fixed, whatever the slide size
+
+
+class TileDataset(Dataset):
+    """Tiles with their halo, read lazily; each process (DataLoader worker) opens its own reader."""
+
+    def __init__(self, reader: SlideReader, grid: Grid, tiles: list[tuple[int, tuple[int, int, int, int]]]) -> None:
+        self.source, self.grid, self.tiles = reader, grid, tiles
+        self._reader: SlideReader | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if self._pid != os.getpid():
+            self._reader, self._pid = self.source.reopen(), os.getpid()
+        index, core = self.tiles[i]
+        box = self.grid.box(core)
+        return {"index": index, "core": core, "box": box, "image": self.grid.read(self._reader, box)}
+
+
+def _unchanged(sample: dict[str, Any]) -> dict[str, Any]:
+    return sample
+
+
+class Journal:
+    """Finished tiles as JSON lines, next to the settings that produced them (resume or restart cleanly)."""
+
+    def __init__(self, folder: Path, key: dict[str, Any]) -> None:
+        self.folder, self.lines = folder, folder / "tiles.jsonl"
+        self.finished: set[int] = set()
+        run_file = folder / "run.json"
+        if run_file.is_file() and self.lines.is_file() and self._same_key(run_file, key):
+            self.finished = self._recover()
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            self.lines.touch()
+            write_json_atomic(run_file, key)
+
+    @staticmethod
+    def _same_key(run_file: Path, key: dict[str, Any]) -> bool:
+        try:
+            return json.loads(run_file.read_text()) == json.loads(json.dumps(key))
+        except (OSError, ValueError):
+            return False
+
+    def _recover(self) -> set[int]:
+        """Indices of complete lines; a line cut by a kill (no final newline) is truncated away."""
+        data = self.lines.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]
+        if len(complete) != len(data):
+            with open(self.lines, "r+b") as fh:
+                fh.truncate(len(complete))
+        return {json.loads(line)["tile"] for line in complete.splitlines()}
+
+    def append(self, index: int, nuclei_json: str) -> None:
+        """Record a finished tile; ``nuclei_json`` is the JSON text of its ``[measurements, ring]`` list."""
+        with open(self.lines, "a") as fh:
+            fh.write(f'{{"tile":{index},"nuclei":{nuclei_json}}}\n')
+        self.finished.add(index)
+
+    def nuclei(self) -> Iterator[tuple[dict[str, Any], list]]:
+        """``(measurements, ring)`` of every kept nucleus, with slide-wide ids 1..N in tile order."""
+        nucleus_id = 0
+        with open(self.lines) as fh:
+            for line in fh:
+                for row, ring in json.loads(line)["nuclei"]:
+                    nucleus_id += 1
+                    yield {**row, "id": nucleus_id}, ring
+
+
+class _Inline:
+    """Executor stand-in for ``workers=0``: runs each job when submitted."""
+
+    def submit(self, fn: Any, *args: Any) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _predict_tiles(predictor: Predictor, reader: SlideReader, grid: Grid, todo: list, journal: Journal, workers: int, bar: tqdm) -> None:
+    """Read (DataLoader workers) -> predict (here) -> post-process (pool) -> journal, in tile order."""
+    loader = DataLoader(TileDataset(reader, grid, todo), batch_size=None, num_workers=workers, collate_fn=_unchanged)
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("forkserver")) if workers else _Inline()
+    pending: deque[tuple[int, Future]] = deque()
+    with pool:
+        for item in loader:
+            prob = sliding_window_probability(predictor.model, item["image"], window=predictor.window, overlap=predictor.overlap,
+                                              batch_size=predictor.batch_size, device=predictor.device, amp=predictor.amp)
+            job = pool.submit(tile_nuclei_json, prob, item["image"], predictor.postprocess, item["core"], item["box"], grid.scale)
+            pending.append((item["index"], job))
+            while len(pending) > 2 * workers or (pending and pending[0][1].done()):
+                index, job = pending.popleft()
+                journal.append(index, job.result())
+                bar.update(1)
+        for index, job in pending:
+            journal.append(index, job.result())
+            bar.update(1)
+
+
+def write_outputs(journal: Journal, out_dir: Path, stem: str, thumbnail: np.ndarray, level0_width: int) -> int:
+    """GeoJSON, CSV and overlay in one streamed pass over the journal; returns the number of nuclei. The
+    outlines are drawn at thumbnail scale, so memory does not depend on the slide size."""
+    scale = thumbnail.shape[1] / level0_width
+    overlay = Image.fromarray(thumbnail)
+    draw = ImageDraw.Draw(overlay)
+    count = 0
+    with geojson_stream(out_dir / f"{stem}.geojson") as add_feature, csv_stream(out_dir / f"{stem}_nuclei.csv") as add_row:
+        for row, ring in journal.nuclei():
+            add_feature(nucleus_feature(ring, row, stem))
+            add_row(row)
+            draw.polygon([(x * scale, y * scale) for x, y in ring], outline=NUCLEUS_COLOR)
+            count += 1
+    save_png(out_dir / f"{stem}_overlay.png", np.asarray(overlay))
+    return count
+
+
+def predict_slide(
+    predictor: Predictor,
+    reader: SlideReader,
+    out_dir: str | Path,
+    *,
+    stem: str,
+    tile: int = 1024,
+    halo: int = 64,
+    workers: int = 2,
+    run_key: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Predict every tissue tile of ``reader`` and write ``<stem>.geojson``, ``<stem>_nuclei.csv``,
+    ``<stem>_overlay.png`` and ``summary.json`` into ``out_dir``; returns the summary."""
+    start = time.perf_counter()
+    out_dir = ensure_writable_dir(out_dir)
+    level, residual = choose_level(reader, predictor.mpp)
+    grid = Grid.for_slide(reader, level, residual, tile, halo)
+    thumbnail = reader.thumbnail(THUMB_SIDE)
+    tiles = tissue_tiles(grid, tissue_mask(thumbnail, reader.name), reader.dimensions[0])
+    key = {"cdcl": __version__, **(run_key or {}), "level": level, "residual": residual, "tile": tile, "halo": halo,
+           "tiles": [index for index, _ in tiles]}
+    journal = Journal(out_dir / f"{stem}.partial", key)
+    todo = [t for t in tiles if t[0] not in journal.finished]
+    working_mpp = None if reader.mpp is None else reader.mpp * grid.scale
+    log.info("%s: %dx%d px, level %d resized x%.3g (%s um/px), %d of %d tiles have tissue, %d already done",
+             reader.name, *reader.dimensions, level, 1 / residual, f"{working_mpp:.3g}" if working_mpp else "?",
+             len(tiles), len(grid.cores()), len(tiles) - len(todo))
+    predict_start = time.perf_counter()
+    with tqdm(total=len(tiles), initial=len(tiles) - len(todo), desc=stem, unit="tile", disable=None) as bar:
+        _predict_tiles(predictor, reader, grid, todo, journal, workers, bar)
+    predict_seconds = time.perf_counter() - predict_start
+    n_nuclei = write_outputs(journal, out_dir, stem, thumbnail, reader.dimensions[0])
+    megapixels = sum((x1 - x0) * (y1 - y0) for _, (x0, y0, x1, y1) in todo) / 1e6
+    summary = {
+        "slide": reader.name, "level0_size": list(reader.dimensions), "slide_mpp": reader.mpp, "level": level,
+        "working_mpp": working_mpp, "level0_px_per_working_px": grid.scale, "tile": tile, "halo": halo,
+        "tiles": {"grid": len(grid.cores()), "tissue": len(tiles), "predicted_now": len(todo), "resumed": len(tiles) - len(todo)},
+        "nuclei": n_nuclei, "seconds_predict": round(predict_seconds, 3),
+        "seconds": round(time.perf_counter() - start, 3), "megapixels_predicted": round(megapixels, 3),
+        "megapixels_per_s": round(megapixels / predict_seconds, 3) if todo else None,
+    }
+    write_json_atomic(out_dir / "summary.json", summary)
+    shutil.rmtree(journal.folder)
+    return summary
+
+
+def _file_key(path: str | Path) -> dict[str, Any]:
+    """Identity of an input file for the resume check: path, size and modification time."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return {"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.tile < 64:
+        raise CdclError(f"--tile must be at least 64 px, got {args.tile}")
+    if args.halo < 0 or args.workers < 0 or (args.batch_size is not None and args.batch_size < 1):
+        raise CdclError("--halo and --workers must be >= 0 and --batch-size >= 1")
+    out_dir = ensure_writable_dir(args.out)
+    reader = open_slide(args.slide, args.mpp)
+    predictor = load_predictor(args.checkpoint, device=args.device, batch_size=args.batch_size)
+    run_key = {"slide": _file_key(args.slide), "checkpoint": _file_key(args.checkpoint), "mpp": reader.mpp}
+    summary = predict_slide(predictor, reader, out_dir, stem=Path(args.slide).stem, tile=args.tile, halo=args.halo,
+                            workers=args.workers, run_key=run_key)
+    log.info("%d nuclei in %d tiles, %.1f s (%s megapixels/s) -> %s", summary["nuclei"], summary["tiles"]["tissue"],
+             summary["seconds"], summary["megapixels_per_s"], out_dir)
+    return 0

@@ -1,0 +1,239 @@
+"""Whole-slide prediction: readers, level choice, tissue mask, seams, resume, CLI and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+
+import numpy as np
+import pytest
+import shapely.geometry
+from PIL import Image
+from make_slide import monuseg_mosaic, stand_in_predictor, write_pyramid
+from skimage.draw import disk
+from test_export import check_geojson
+
+import cdcl.wsi
+from cdcl.cli import main
+from cdcl.errors import CdclError
+from cdcl.slide import ArrayReader, choose_level, open_slide, tissue_mask
+from cdcl.wsi import Journal, predict_slide
+
+# Disc centres (row, col) placed on and across the seams of a 128 px grid: on a vertical seam, on a horizontal
+# seam, on a four-tile corner, exactly centred on a seam (centroid x = 256.0: the half-open core rule gives it
+# to the right-hand tile), near the slide edge, and well inside a tile.
+DISCS = [(64, 128), (128, 300), (256, 256), (200, 255.5), (383.5, 100), (20, 430), (440, 440), (330, 180), (60, 20)]
+RADIUS = 12
+
+
+def read_csv(path) -> list[dict[str, float]]:
+    with open(path, newline="") as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+@pytest.fixture(scope="module")
+def disc_slide() -> tuple[np.ndarray, list[tuple[float, float, int]]]:
+    """A 460x470 synthetic slide of purple discs on white; expected (x, y, area) per disc (level-0 px)."""
+    image = np.full((460, 470, 3), 245, np.uint8)
+    expected = []
+    for centre in DISCS:
+        rr, cc = disk(centre, RADIUS, shape=image.shape[:2])
+        image[rr, cc] = (90, 30, 120)
+        expected.append((cc.mean() + 0.5, rr.mean() + 0.5, len(rr)))
+    return image, sorted(expected)
+
+
+@pytest.fixture(scope="module")
+def mosaic(shared_data) -> np.ndarray:
+    """Real H&E (MoNuSeg tiles) in a white margin: 1200 x 1000 px."""
+    return monuseg_mosaic(shared_data, 1200, 1000, margin=100)
+
+
+@pytest.fixture
+def checkpoint(tmp_path, monkeypatch) -> str:
+    """A checkpoint path whose "loading" gives the stand-in predictor (dark pixels are nuclei)."""
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"stand-in")
+    monkeypatch.setattr("cdcl.wsi.load_predictor", lambda path, device, batch_size: stand_in_predictor(window=256, batch_size=batch_size or 4))
+    return str(path)
+
+
+def run_seam_slide(disc_slide, out, **kwargs) -> dict:
+    image, _ = disc_slide
+    return predict_slide(stand_in_predictor(), ArrayReader(image, mpp=0.25), out, stem="discs", tile=128, halo=32, workers=0, **kwargs)
+
+
+def test_seam_nuclei_come_out_once_and_whole(tmp_path, disc_slide) -> None:
+    summary = run_seam_slide(disc_slide, tmp_path)
+    rows = read_csv(tmp_path / "discs_nuclei.csv")
+    np.testing.assert_allclose(sorted((r["centroid_x"], r["centroid_y"], r["area"]) for r in rows), disc_slide[1], atol=1e-3)
+    assert [r["id"] for r in rows] == list(range(1, len(DISCS) + 1))
+    assert summary["nuclei"] == len(DISCS)
+    assert summary["tiles"]["tissue"] < summary["tiles"]["grid"] == 16  # white tiles skipped
+    features = check_geojson(tmp_path / "discs.geojson")["features"]
+    for feature, row in zip(features, rows):
+        shape = shapely.geometry.shape(feature["geometry"])
+        assert row["area"] - 10 < shape.area <= row["area"]
+        assert (shape.centroid.x, shape.centroid.y) == pytest.approx((row["centroid_x"], row["centroid_y"]), abs=0.05)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["discs.geojson", "discs_nuclei.csv", "discs_overlay.png", "summary.json"]
+
+
+def test_worker_processes_give_the_same_result(tmp_path, disc_slide) -> None:
+    image, _ = disc_slide
+    predict_slide(stand_in_predictor(), ArrayReader(image, mpp=0.25), tmp_path / "a", stem="discs", tile=128, halo=32, workers=0)
+    predict_slide(stand_in_predictor(), ArrayReader(image, mpp=0.25), tmp_path / "b", stem="discs", tile=128, halo=32, workers=1)
+    for name in ("discs.geojson", "discs_nuclei.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_coordinates_are_level_0_pixels_when_a_coarser_level_is_used(tmp_path, disc_slide) -> None:
+    """The model was trained at 0.5 um/px, the slide is 0.25: level 1 is read; outputs stay in level-0 px."""
+    image, expected = disc_slide
+    big = np.kron(image, np.ones((2, 2, 1), np.uint8))  # the same slide at twice the resolution
+    reader = ArrayReader(big, mpp=0.25)
+    summary = predict_slide(stand_in_predictor(mpp=0.5), reader, tmp_path, stem="big", tile=128, halo=32, workers=0)
+    assert summary["level"] == 1 and summary["working_mpp"] == 0.5
+    rows = read_csv(tmp_path / "big_nuclei.csv")
+    got = sorted((r["centroid_x"], r["centroid_y"], r["area"]) for r in rows)
+    np.testing.assert_allclose(got, [(2 * x, 2 * y, 4 * a) for x, y, a in expected], atol=1e-3)
+    for feature in check_geojson(tmp_path / "big.geojson")["features"]:
+        assert shapely.geometry.shape(feature["geometry"]).bounds[2] <= big.shape[1]
+
+
+def test_interrupted_run_resumes_to_the_same_files(tmp_path, disc_slide, monkeypatch) -> None:
+    run_seam_slide(disc_slide, tmp_path / "whole")
+    out = tmp_path / "resumed"
+    append = Journal.append
+    calls = []
+
+    def append_then_die(self, index, nuclei):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(index)
+        append(self, index, nuclei)
+
+    monkeypatch.setattr(Journal, "append", append_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_seam_slide(disc_slide, out)
+    assert sorted(p.name for p in out.iterdir()) == ["discs.partial"]  # no final file that looks complete
+    with open(out / "discs.partial" / "tiles.jsonl", "a") as fh:
+        fh.write('{"tile": 99, "nuclei": [[{"id"')  # a line cut by the kill
+    monkeypatch.setattr(Journal, "append", append)
+    summary = run_seam_slide(disc_slide, out)
+    assert summary["tiles"]["resumed"] == 3 and summary["tiles"]["predicted_now"] == summary["tiles"]["tissue"] - 3
+    for name in ("discs.geojson", "discs_nuclei.csv"):
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    assert not (out / "discs.partial").exists()
+
+
+def test_changed_settings_restart_cleanly(tmp_path, disc_slide) -> None:
+    journal = Journal(tmp_path / "x.partial", {"tile": 128})
+    journal.append(0, "[]")
+    assert Journal(tmp_path / "x.partial", {"tile": 128}).finished == {0}
+    assert Journal(tmp_path / "x.partial", {"tile": 256}).finished == set()
+    assert (tmp_path / "x.partial" / "tiles.jsonl").read_text() == ""
+
+
+def test_choose_level_prefers_the_closest_level_without_upsampling() -> None:
+    reader = ArrayReader(np.zeros((1024, 1024, 3), np.uint8), mpp=0.25)  # levels at 0.25, 0.5, 1.0, 2.0
+    assert reader.level_downsamples == (1.0, 2.0, 4.0)
+    assert choose_level(reader, 0.25) == (0, 1.0)
+    assert choose_level(reader, 0.5) == (1, 1.0)
+    assert choose_level(reader, 0.53) == (1, 1.0)  # within 10%: no resizing
+    assert choose_level(reader, 0.7) == (1, pytest.approx(1.4))  # read 0.5 um/px, shrink by 1.4
+    assert choose_level(reader, 4.0) == (2, pytest.approx(4.0))
+    assert choose_level(reader, 0.125) == (0, pytest.approx(0.5))  # finer than the slide: upsample level 0
+    assert choose_level(reader, None) == (0, 1.0)
+
+
+def test_resized_working_resolution_keeps_level_0_coordinates(tmp_path, disc_slide) -> None:
+    image, expected = disc_slide
+    summary = predict_slide(stand_in_predictor(mpp=0.35), ArrayReader(image, mpp=0.25), tmp_path, stem="r", tile=128, halo=32, workers=0)
+    assert summary["level"] == 0 and summary["level0_px_per_working_px"] == pytest.approx(1.4)
+    rows = sorted((r["centroid_x"], r["centroid_y"], r["area"]) for r in read_csv(tmp_path / "r_nuclei.csv"))
+    assert len(rows) == len(expected)
+    for (x, y, area), (ex, ey, earea) in zip(rows, expected):
+        assert abs(x - ex) < 1 and abs(y - ey) < 1 and area == pytest.approx(earea, rel=0.1)
+
+
+def test_tissue_mask_keeps_tissue_and_skips_background(mosaic) -> None:
+    mask = tissue_mask(mosaic)
+    assert mask[100:-100, 100:-100].mean() > 0.9
+    assert mask[:90].mean() == mask[:, :90].mean() == 0
+    for blank in (np.full((50, 60, 3), 255, np.uint8), np.zeros((50, 60, 3), np.uint8), np.full((50, 60, 3), 180, np.uint8)):
+        with pytest.raises(CdclError, match="no tissue"):
+            tissue_mask(blank, "blank.svs")
+
+
+def test_pyramidal_tiff_reads_through_openslide_with_its_mpp(tmp_path, mosaic) -> None:
+    path = write_pyramid(tmp_path / "slide.tif", mosaic, mpp=0.25)
+    reader = open_slide(path)
+    assert reader.backend == "openslide"
+    assert reader.mpp == pytest.approx(0.25)
+    assert reader.dimensions == (1200, 1000) and reader.level_dimensions == ((1200, 1000), (600, 500))
+    np.testing.assert_array_equal(reader.read_region(0, 1100, 900, 200, 150)[:100, :100], mosaic[900:, 1100:])
+    assert (reader.read_region(0, 1100, 900, 200, 150)[100:] == 255).all()  # outside the slide: white
+    np.testing.assert_array_equal(reader.read_region(1, 10, 20, 30, 40), ArrayReader(mosaic, 0.25).read_region(1, 10, 20, 30, 40))
+    assert open_slide(path, mpp_override=0.5).mpp == 0.5
+    assert reader.reopen().read_region(0, 0, 0, 5, 5).shape == (5, 5, 3)
+    assert max(reader.thumbnail(256).shape[:2]) == 256
+
+
+def test_plain_tiff_falls_back_to_tiffslide_and_needs_mpp(tmp_path, shared_data) -> None:
+    source = sorted((shared_data / "monuseg" / "train" / "images").glob("*.tif"))[0]  # strips, no resolution
+    with pytest.raises(CdclError, match="pass --mpp"):
+        open_slide(source)
+    reader = open_slide(source, mpp_override=0.25)
+    assert reader.backend == "tiffslide" and reader.dimensions == (1000, 1000)
+
+
+def test_predict_wsi_cli_on_a_monuseg_pyramid(tmp_path, mosaic, checkpoint, caplog) -> None:
+    slide = write_pyramid(tmp_path / "mono.tif", mosaic, mpp=0.25, compression="jpeg")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO):
+        code = main(["predict-wsi", "--checkpoint", checkpoint, str(slide), "--out", str(out), "--tile", "512", "--workers", "0"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tiles"]["grid"] == summary["tiles"]["tissue"] == 6  # 100 px margins: every tile has tissue
+    assert summary["nuclei"] > 300 and summary["megapixels_per_s"] > 0
+    features = check_geojson(out / "mono.geojson")["features"]
+    assert len(features) == summary["nuclei"] == len(read_csv(out / "mono_nuclei.csv"))
+    xs = [x for f in features for x, _ in f["geometry"]["coordinates"][0]]
+    assert 90 < min(xs) and max(xs) < 1110  # nuclei only inside the tissue, in level-0 px
+    assert f"{summary['nuclei']} nuclei" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [("unreadable", "cannot read slide"), ("no_mpp", "pass --mpp"), ("blank", "no tissue found"),
+     ("unwritable", "cannot create output folder"), ("missing", "slide file not found")],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, checkpoint, capsys, case, message) -> None:
+    slide, out = tmp_path / "slide.tif", tmp_path / "out"
+    if case == "unreadable":
+        slide = tmp_path / "slide.svs"
+        slide.write_text("not a slide\n")
+    elif case == "no_mpp":
+        write_pyramid(slide, np.full((300, 300, 3), 128, np.uint8), mpp=None)
+    elif case == "blank":
+        write_pyramid(slide, np.full((600, 500, 3), 255, np.uint8), mpp=0.25)
+    elif case == "unwritable":
+        write_pyramid(slide, np.full((300, 300, 3), 128, np.uint8), mpp=0.25)
+        (tmp_path / "file").write_text("")
+        out = tmp_path / "file" / "out"
+    code = main(["predict-wsi", "--checkpoint", checkpoint, str(slide), "--out", str(out), "--workers", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+def test_overlay_outlines_each_nucleus_on_the_thumbnail(tmp_path, disc_slide) -> None:
+    run_seam_slide(disc_slide, tmp_path)
+    overlay = np.asarray(Image.open(tmp_path / "discs_overlay.png"))
+    assert overlay.shape == (460, 470, 3)  # smaller than THUMB_SIDE: the thumbnail is the slide itself
+    rows, cols = np.nonzero(np.all(overlay == cdcl.wsi.NUCLEUS_COLOR, axis=2))
+    centres = np.array([(x, y) for x, y, _ in disc_slide[1]])
+    distance = np.hypot(cols[:, None] + 0.5 - centres[:, 0], rows[:, None] + 0.5 - centres[:, 1])  # pixel x disc
+    assert np.all(np.abs(distance.min(axis=1) - RADIUS) < 1.5)  # every drawn pixel lies on some disc's outline
+    assert np.all((np.abs(distance - RADIUS) < 1.5).sum(axis=0) > 40)  # every disc is outlined
