@@ -77,7 +77,7 @@ def run_predict_wsi(slide: Path, out: Path, args: argparse.Namespace, checkpoint
     """One `cdcl predict-wsi` run under /usr/bin/time -v; peak RSS (largest process and whole tree) + summary."""
     cli = [sys.executable, str(Path(__file__).resolve()), "--child-stand-in"] if args.stand_in else [sys.executable, "-m", "cdcl.cli"]
     command = ["/usr/bin/time", "-v", *cli, "predict-wsi", "--checkpoint", checkpoint, str(slide), "--out", str(out),
-               "--tile", str(args.tile), "--workers", str(args.workers), "--device", args.device]
+               "--tile", str(args.tile), "--halo", str(args.halo), "--workers", str(args.workers), "--device", args.device]
     if args.batch_size:
         command += ["--batch-size", str(args.batch_size)]
     start = time.perf_counter()

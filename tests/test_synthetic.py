@@ -65,7 +65,8 @@ def test_colours_look_like_h_and_e(tiles: list[tuple[np.ndarray, np.ndarray]]) -
 def test_a_single_grey_threshold_does_not_segment_the_nuclei(tiles: list[tuple[np.ndarray, np.ndarray]]) -> None:
     grey = np.concatenate([rgb2gray(image).ravel() for image, _ in tiles])
     truth = np.concatenate([(instances > 0).ravel() for _, instances in tiles])
-    ious = [((grey < t) & truth).sum() / ((grey < t) | truth).sum() for t in np.quantile(grey, np.linspace(0.01, 0.5, 50))]
+    thresholds = np.quantile(grey, np.linspace(0.01, 0.5, 50))
+    ious = [((grey < t) & truth).sum() / ((grey < t) | truth).sum() for t in thresholds]
     assert 0.3 < max(ious) < 0.75
 
 
@@ -107,7 +108,8 @@ def test_write_rejects_bad_counts(tmp_path: Path, n: int, masks_for: int | None)
 def test_data_show_writes_the_grid(tmp_path: Path) -> None:
     data = write_synthetic_dataset(tmp_path / "data", 3, size=80, masks_for=2)
     out = tmp_path / "views.png"
-    argv = ["data", "show", str(data), "--format", "folder", "--n", "2", "--set", "augment.crop_size=64", "--out", str(out)]
+    argv = ["data", "show", str(data), "--format", "folder", "--n", "2", "--set", "augment.crop_size=64",
+            "--out", str(out)]
     assert main(argv) == 0
     grid = np.asarray(Image.open(out))
     assert grid.shape == (16 + 2 * 68, 4 * 68 - 4, 3)

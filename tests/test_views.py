@@ -169,14 +169,17 @@ def test_flip_and_rotation_switches(flip: bool, rotate90: bool, expected: int) -
 def test_views_are_deterministic_by_seed_and_in_range() -> None:
     image, instances = blob_image(np.random.default_rng(6))
     cfg = AugmentConfig(crop_size=96, scale=(0.8, 1.25))
-    a = paired_views(image, np.random.default_rng(9), cfg) + labeled_view(image, instances, np.random.default_rng(9), cfg)
-    b = paired_views(image, np.random.default_rng(9), cfg) + labeled_view(image, instances, np.random.default_rng(9), cfg)
-    c = paired_views(image, np.random.default_rng(10), cfg)
-    for x, y in zip(a, b):
+
+    def views(seed: int) -> tuple[np.ndarray, ...]:
+        rng = np.random.default_rng(seed)
+        return paired_views(image, rng, cfg) + labeled_view(image, instances, rng, cfg)
+
+    a, b, c = views(9), views(9), views(10)
+    for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(a[1], c[1])
     for x in (a[0], a[1], a[2]):
-        assert x.dtype == np.float32 and x.shape == (3, 96, 96) and 0 <= x.min() and x.max() <= 1
+        assert x.dtype == np.float32 and x.shape == (3, 96, 96) and x.min() >= 0 and x.max() <= 1
 
 
 def test_eval_view_is_the_plain_image() -> None:

@@ -133,6 +133,9 @@ def test_changed_settings_restart_cleanly(tmp_path, disc_slide) -> None:
     assert Journal(tmp_path / "x.partial", {"tile": 128}).finished == {0}
     assert Journal(tmp_path / "x.partial", {"tile": 256}).finished == set()
     assert (tmp_path / "x.partial" / "tiles.jsonl").read_text() == ""
+    Journal(tmp_path / "x.partial", {"tile": 128}).append(3, "[]")
+    (tmp_path / "x.partial" / "tiles.jsonl").write_text('{"tile": 3, "nu\n')  # damaged, not just cut
+    assert Journal(tmp_path / "x.partial", {"tile": 128}).finished == set()
 
 
 def test_choose_level_prefers_the_closest_level_without_upsampling() -> None:
@@ -186,6 +189,9 @@ def test_plain_tiff_falls_back_to_tiffslide_and_needs_mpp(tmp_path, shared_data)
         open_slide(source)
     reader = open_slide(source, mpp_override=0.25)
     assert reader.backend == "tiffslide" and reader.dimensions == (1000, 1000)
+    region = reader.read_region(0, 900, 950, 200, 100)
+    np.testing.assert_array_equal(region[:50, :100], np.asarray(Image.open(source).convert("RGB"))[950:, 900:])
+    assert (region[50:] == 255).all() and (region[:, 100:] == 255).all()  # outside the slide: white, not black
 
 
 def test_predict_wsi_cli_on_a_monuseg_pyramid(tmp_path, mosaic, checkpoint, caplog) -> None:
@@ -237,3 +243,29 @@ def test_overlay_outlines_each_nucleus_on_the_thumbnail(tmp_path, disc_slide) ->
     distance = np.hypot(cols[:, None] + 0.5 - centres[:, 0], rows[:, None] + 0.5 - centres[:, 1])  # pixel x disc
     assert np.all(np.abs(distance.min(axis=1) - RADIUS) < 1.5)  # every drawn pixel lies on some disc's outline
     assert np.all((np.abs(distance - RADIUS) < 1.5).sum(axis=0) > 40)  # every disc is outlined
+
+
+def test_a_real_checkpoint_predicts_images_and_slides(tmp_path, mosaic) -> None:
+    """End to end through the real checkpoint loader, with an untrained tiny network (inference plumbing only)."""
+    from training_helpers import TINY_MODEL
+
+    from cdcl.checkpoint import save_checkpoint
+    from cdcl.config import load_config
+    from cdcl.models import build_model
+    from cdcl.postprocess import PostprocessParams
+
+    config = load_config(None, [*TINY_MODEL, "infer.window=128", "model.pretrained=false", "data.mpp=0.5"])
+    checkpoint = str(tmp_path / "tiny.pt")
+    save_checkpoint(checkpoint, {"config": config.to_dict(), "weights": {"student": build_model(config.model).state_dict()},
+                                 "postprocess": PostprocessParams().to_dict()})
+    image = tmp_path / "tile.png"
+    Image.fromarray(mosaic[100:300, 100:330]).save(image)
+    assert main(["predict", "--checkpoint", checkpoint, str(image), "--out", str(tmp_path / "p"), "--device", "cpu"]) == 0
+    assert np.asarray(Image.open(tmp_path / "p" / "tile_labels.png")).shape == (200, 230)
+    slide = write_pyramid(tmp_path / "slide.tif", mosaic[:512, :768], mpp=0.25)
+    out = tmp_path / "w"
+    assert main(["predict-wsi", "--checkpoint", checkpoint, str(slide), "--out", str(out), "--tile", "256", "--workers", "0", "--device", "cpu"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["level"] == 1 and summary["working_mpp"] == 0.5  # the checkpoint's resolution picks level 1
+    assert summary["tiles"]["tissue"] == 2
+    check_geojson(out / "slide.geojson")

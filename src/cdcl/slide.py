@@ -11,6 +11,7 @@ the time and memory (they run :func:`tile_nuclei`).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,6 +55,16 @@ def _to_rgb(region: Image.Image) -> np.ndarray:
     return np.asarray(region.convert("RGB"))
 
 
+def _read_within(size: tuple[int, int], x: int, y: int, width: int, height: int, fetch: Callable[[int, int, int, int], np.ndarray]) -> np.ndarray:
+    """A region on a white canvas: ``fetch(x, y, w, h)`` is asked only for the part inside the level's ``size``
+    (backends disagree on what lies outside: black, transparent or an error)."""
+    out = np.full((height, width, 3), BACKGROUND, np.uint8)
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + width, size[0]), min(y + height, size[1])
+    if x1 > x0 and y1 > y0:
+        out[y0 - y : y1 - y, x0 - x : x1 - x] = fetch(x0, y0, x1 - x0, y1 - y0)
+    return out
+
+
 class FileSlideReader:
     """A slide file opened with ``openslide`` or ``tiffslide`` (both expose the OpenSlide API)."""
 
@@ -80,7 +91,11 @@ class FileSlideReader:
 
     def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         scale = self.level_downsamples[level]
-        return _to_rgb(self._slide.read_region((round(x * scale), round(y * scale)), level, (width, height)))
+
+        def fetch(x0: int, y0: int, w: int, h: int) -> np.ndarray:
+            return _to_rgb(self._slide.read_region((round(x0 * scale), round(y0 * scale)), level, (w, h)))
+
+        return _read_within(self.level_dimensions[level], x, y, width, height, fetch)
 
     def thumbnail(self, max_side: int) -> np.ndarray:
         return _to_rgb(self._slide.get_thumbnail((max_side, max_side)))
@@ -108,13 +123,8 @@ class ArrayReader:
         self.level_downsamples = tuple(self.dimensions[0] / w for w, _ in self.level_dimensions)
 
     def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        out = np.full((height, width, 3), BACKGROUND, np.uint8)
         src = self._levels[level]
-        x0, y0 = max(x, 0), max(y, 0)
-        x1, y1 = min(x + width, src.shape[1]), min(y + height, src.shape[0])
-        if x1 > x0 and y1 > y0:
-            out[y0 - y : y1 - y, x0 - x : x1 - x] = src[y0:y1, x0:x1]
-        return out
+        return _read_within(self.level_dimensions[level], x, y, width, height, lambda x0, y0, w, h: src[y0 : y0 + h, x0 : x0 + w])
 
     def thumbnail(self, max_side: int) -> np.ndarray:
         level = next((i for i in reversed(range(self.level_count)) if max(self._levels[i].shape[:2]) >= max_side), 0)

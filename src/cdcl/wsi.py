@@ -85,12 +85,17 @@ class Journal:
         self.finished: set[int] = set()
         run_file = folder / "run.json"
         if run_file.is_file() and self.lines.is_file() and self._same_key(run_file, key):
-            self.finished = self._recover()
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir(parents=True)
-            self.lines.touch()
-            write_json_atomic(run_file, key)
+            try:
+                self.finished = self._recover()
+                return
+            except (ValueError, KeyError, TypeError):
+                log.warning("%s is damaged; starting the slide over", self.lines)
+        elif folder.exists():
+            log.info("%s was made with other settings; starting the slide over", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        self.lines.touch()
+        write_json_atomic(run_file, key)
 
     @staticmethod
     def _same_key(run_file: Path, key: dict[str, Any]) -> bool:
