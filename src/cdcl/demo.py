@@ -22,8 +22,8 @@ from cdcl.io import ensure_writable_dir, write_text_atomic
 from cdcl.train import train
 from cdcl.viz import plot_comparison_grid
 
-N_IMAGES, N_LABELED, N_VAL, N_TEST = 40, 4, 4, 8
-DEMO_ITERATIONS = 120
+N_IMAGES, N_LABELED, N_VAL, N_TEST = 32, 4, 3, 6
+DEMO_ITERATIONS = 100
 
 
 def demo_overrides(data_dir: Path, split_dir: Path, method: str, iterations: int) -> list[str]:
