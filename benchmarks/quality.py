@@ -113,6 +113,24 @@ def ensure_split(run: Run) -> None:
                         "--seed", str(run.seed), "--out", str(run.split_dir)), cwd=ROOT, check=True)
 
 
+def claim(run: Run) -> bool:
+    """Take a run for this process (several sweep processes may share the machine); False if another has it."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run.run_dir / "runner.pid"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(lock.read_text().strip() or 0), 0)
+            return False
+        except (ProcessLookupError, ValueError):
+            lock.unlink(missing_ok=True)  # its owner died: take it over
+            return claim(run)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
 def execute(run: Run, extra: list[str]) -> dict:
     """Train (or resume) and evaluate one run; returns its JSON record."""
     ensure_split(run)
@@ -221,10 +239,13 @@ def main() -> None:
         return
     if not args.report:
         for run in runs:
-            if run.key in results["runs"]:
+            if run.key in load_results()["runs"] or not claim(run):
                 continue
             print(f"=== {run.key}", flush=True)
-            record = execute(run, args.set)
+            try:
+                record = execute(run, args.set)
+            finally:
+                (run.run_dir / "runner.pid").unlink(missing_ok=True)
             results = load_results()
             results["runs"][run.key] = record
             save_results(results)

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cdcl.data.views import AugmentConfig, labeled_view, paired_views
+from cdcl.errors import from_workers
 
 
 class SeededStreamSampler(Sampler):
@@ -59,8 +60,8 @@ class _ImageCache:
         return value
 
 
-class LabeledSet(Dataset):
-    """Labeled items -> {"image": 3xSxS float, "target": SxS int64 (1 = nucleus)} augmented views."""
+class _ItemSet(Dataset):
+    """Items with a bounded decode cache; subclasses turn one item into its training views."""
 
     def __init__(self, items: Sequence, augment: AugmentConfig) -> None:
         self.items, self.augment, self.cache = list(items), augment, _ImageCache()
@@ -68,29 +69,27 @@ class LabeledSet(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def _image(self, item) -> np.ndarray:
+        return self.cache.get(item.name, lambda: item.image)
+
+
+class LabeledSet(_ItemSet):
+    """Labeled items -> {"image": 3xSxS float, "target": SxS int64 (1 = nucleus)} augmented views."""
+
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         index, seed = key
         item = self.items[index]
-        image = self.cache.get(item.name, lambda: item.image)
         instances = self.cache.get(item.name + "#mask", lambda: item.instances)
-        view, labels = labeled_view(image, instances, np.random.default_rng(seed), self.augment)
+        view, labels = labeled_view(self._image(item), instances, np.random.default_rng(seed), self.augment)
         return {"image": torch.from_numpy(view), "target": torch.from_numpy((labels > 0).astype(np.int64))}
 
 
-class UnlabeledSet(Dataset):
+class UnlabeledSet(_ItemSet):
     """Unlabeled items -> {"weak": ..., "strong": ...}: one shared geometry, photometry on strong only."""
-
-    def __init__(self, items: Sequence, augment: AugmentConfig) -> None:
-        self.items, self.augment, self.cache = list(items), augment, _ImageCache()
-
-    def __len__(self) -> int:
-        return len(self.items)
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         index, seed = key
-        item = self.items[index]
-        image = self.cache.get(item.name, lambda: item.image)
-        weak, strong = paired_views(image, np.random.default_rng(seed), self.augment)
+        weak, strong = paired_views(self._image(self.items[index]), np.random.default_rng(seed), self.augment)
         return {"weak": torch.from_numpy(weak), "strong": torch.from_numpy(strong)}
 
 
@@ -102,4 +101,5 @@ def stream_loader(dataset: Dataset, batch_size: int, *, seed: int, start_batch: 
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         persistent_workers=num_workers > 0, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
-    return iter(loader)
+    return from_workers(loader)
+

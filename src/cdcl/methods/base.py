@@ -27,6 +27,12 @@ class Method:
         """Sigmoid ramp-up of the consistency weight, counted from the end of the warm-up."""
         return sigmoid_rampup(step - self.cfg.warmup_iters, self.cfg.ramp_iters)
 
+    def supervised_only(self, student: nn.Module, labeled: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The loss of a warm-up step (and of the supervised baseline): labeled cross-entropy alone."""
+        out, _ = student_forward(student, labeled, None)
+        sup = supervised_loss(out["logits"], labeled["target"])
+        return {"total": sup, "sup": sup}
+
     def losses(self, student: nn.Module, teacher: nn.Module, labeled: dict[str, Tensor],
                unlabeled: dict[str, Tensor] | None, step: int) -> dict[str, Tensor]:
         raise NotImplementedError

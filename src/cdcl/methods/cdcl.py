@@ -30,9 +30,7 @@ class CDCL(Method):
     def losses(self, student, teacher, labeled, unlabeled, step):
         cfg = self.cfg
         if not self.unlabeled_active(step):
-            out, _ = student_forward(student, labeled, None)
-            sup = supervised_loss(out["logits"], labeled["target"])
-            return {"total": sup, "sup": sup}
+            return self.supervised_only(student, labeled)
         contrast = cfg.w_contr > 0
         t_out = teacher_forward(teacher, unlabeled["weak"], embeddings=contrast)
         lab, unl = student_forward(student, labeled, unlabeled["strong"], embeddings=contrast)

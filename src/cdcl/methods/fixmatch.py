@@ -12,9 +12,7 @@ class FixMatch(Method):
 
     def losses(self, student, teacher, labeled, unlabeled, step):
         if not self.unlabeled_active(step):
-            out, _ = student_forward(student, labeled, None)
-            sup = supervised_loss(out["logits"], labeled["target"])
-            return {"total": sup, "sup": sup}
+            return self.supervised_only(student, labeled)
         target = teacher_forward(student, unlabeled["weak"])["logits"].softmax(dim=1)
         lab, unl = student_forward(student, labeled, unlabeled["strong"])
         sup = supervised_loss(lab["logits"], labeled["target"])
