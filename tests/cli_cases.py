@@ -11,6 +11,9 @@ interpreter per command instead (slower; same results).
 
 from __future__ import annotations
 
+import atexit
+import functools
+import gc
 import json
 import os
 import re
@@ -22,8 +25,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -48,23 +53,19 @@ class CliResult:
     stderr: str
     seconds: float
     cpu_seconds: float
-    max_rss_mb: float  # peak resident memory of the process
-    base_rss_mb: float  # resident memory right after the fork from the zygote (0 for a fresh interpreter)
+    max_rss_mb: float  # peak resident memory of the process (with the zygote: the pages it touched)
 
     @property
     def last_line(self) -> str:
         lines = [line for line in self.stderr.splitlines() if line.strip()]
         return lines[-1] if lines else ""
 
-    @property
-    def rss_growth_mb(self) -> float:
-        return self.max_rss_mb - self.base_rss_mb
-
 
 class Running:
     """A started command: ``wait()`` for its result or ``kill()`` it (SIGKILL) first."""
 
-    def __init__(self, argv: list[str], pid: int, io_dir: Path, collect) -> None:
+    def __init__(self, argv: list[str], pid: int, io_dir: Path, collect: Callable[[float | None], dict | None]) -> None:
+        """``collect(timeout)``: the exit status as ``_status`` gives it, or None if not ended within ``timeout``."""
         self.argv, self.pid, self._io, self._collect = argv, pid, io_dir, collect
         self._start = time.perf_counter()
         self.result: CliResult | None = None
@@ -98,18 +99,12 @@ class Running:
     def _finish(self, status: dict) -> None:
         read = lambda name: (self._io / name).read_text(errors="replace") if (self._io / name).exists() else ""  # noqa: E731
         self.result = CliResult(self.argv, status["rc"], read("stdout"), read("stderr"), time.perf_counter() - self._start,
-                                status["cpu"], status["maxrss_kb"] / 1024, float(read("base_rss_kb") or 0) / 1024)
+                                status["cpu"], status["maxrss_kb"] / 1024)
+        shutil.rmtree(self._io, ignore_errors=True)
 
 
 def _status(pid: int, wait_status: int, usage: resource.struct_rusage) -> dict:
     return {"rc": os.waitstatus_to_exitcode(wait_status), "cpu": usage.ru_utime + usage.ru_stime, "maxrss_kb": usage.ru_maxrss}
-
-
-def _rss_kb() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 class _Zygote:
@@ -121,6 +116,8 @@ class _Zygote:
                                      stderr=self.log, text=True, bufsize=1, env=_environment(None))
         if self._line(None).get("ready") is not True:
             raise RuntimeError(f"cdcl test zygote did not start; see {self.log.name}")
+        self.running: Running | None = None
+        atexit.register(self.close)
 
     def _line(self, timeout: float | None) -> dict | None:
         if timeout is not None and not select.select([self.proc.stdout], [], [], timeout)[0]:
@@ -131,14 +128,26 @@ class _Zygote:
         return json.loads(line)
 
     def start(self, argv: list[str], cwd: Path, env: dict[str, str], io_dir: Path) -> Running:
+        if self.running is not None and self.running.result is None:  # one at a time: end one a failed test left
+            self.running.kill()
+            self.running.wait()
         request = {"argv": argv, "cwd": str(cwd), "env": env, "io": str(io_dir)}
         self.proc.stdin.write(json.dumps(request) + "\n")
         pid = self._line(None)["pid"]
-        return Running(argv, pid, io_dir, self._line)
+        self.running = Running(argv, pid, io_dir, self._line)
+        return self.running
 
     def close(self) -> None:
+        """End the zygote (it exits at the end of its input) and drop its log unless it says something."""
         self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        empty = os.fstat(self.log.fileno()).st_size == 0
+        self.log.close()
+        if empty:
+            Path(self.log.name).unlink(missing_ok=True)
 
 
 def _start_fresh(argv: list[str], cwd: Path, env: dict[str, str], io_dir: Path) -> Running:
@@ -164,13 +173,15 @@ _zygote: _Zygote | None = None
 
 
 def _environment(extra: dict[str, str] | None) -> dict[str, str]:
-    """This process's environment plus ``extra``; one OpenMP thread unless set (on a shared CI machine, torch's
-    default of one thread per core is several times slower for these tiny models)."""
-    return {"OMP_NUM_THREADS": "1", **os.environ, **(extra or {})}
+    """This process's environment plus ``extra``. One OpenMP thread unless set (on a shared CI machine, torch's
+    default of one thread per core is several times slower for these tiny models); the Hugging Face hub
+    offline, so a download attempt fails at once instead of retrying for a minute (tests never download)."""
+    return {"OMP_NUM_THREADS": "1", **os.environ, "HF_HUB_OFFLINE": "1", **(extra or {})}
 
 
 def start_cdcl(*args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None) -> Running:
-    """Start ``cdcl ARGS`` (see the module docstring for how); ``env`` adds to this process's environment."""
+    """Start ``cdcl ARGS`` (see the module docstring for how); ``env`` adds to this process's environment
+    (settings that libraries read on import, such as HF_HUB_OFFLINE, belong in ``_environment``)."""
     global _zygote
     argv = [str(a) for a in args]
     io_dir = Path(tempfile.mkdtemp(prefix="cdcl-case-"))
@@ -237,16 +248,22 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> World:
     return _world
 
 
-def write_slide(path: Path, height: int = 512, width: int = 768, mpp: float | None = 0.5, seed: int = 0) -> Path:
+def write_slide(path: Path, height: int = 512, width: int = 768, mpp: float | None = 0.5) -> Path:
     """A pyramidal TIFF of synthetic H&E tiles (256 px each) on a white margin of 32 px."""
+    return write_pyramid(path, _slide_image(height, width), mpp=mpp, tile=128)
+
+
+@functools.cache
+def _slide_image(height: int, width: int) -> np.ndarray:
     image = np.full((height, width, 3), 255, np.uint8)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
     for y in range(32, height - 32, 256):
         for x in range(32, width - 32, 256):
             tile, _ = synthetic_tile(rng, 256)
             h, w = min(256, height - 32 - y), min(256, width - 32 - x)
             image[y : y + h, x : x + w] = tile[:h, :w]
-    return write_pyramid(path, image, mpp=mpp, tile=128)
+    image.flags.writeable = False
+    return image
 
 
 # ---- checks ------------------------------------------------------------------------------------------------
@@ -261,7 +278,7 @@ def stray_files(folder: Path) -> list[str]:
 def assert_refused(result: CliResult, *mentions: str, out: Path | None = None) -> None:
     """Exit code 2; stderr ends with one ``cdcl CMD: error: ...`` line containing every string of ``mentions``
     (file names, config keys, the problem); no traceback; ``out`` (if given) holds no file at all."""
-    command = result.argv[0] if result.argv[0] != "data" else "data"
+    command = " ".join(result.argv[:2]) if result.argv[0] == "data" else result.argv[0]
     assert "Traceback" not in result.stderr, result.stderr
     assert result.rc == 2, f"exit {result.rc}, expected 2:\n{result.stderr[-3000:]}"
     assert result.last_line.startswith(f"cdcl {command}: error: "), result.stderr[-3000:]
@@ -285,36 +302,42 @@ class Recorder:
 
     suite: str
     case: str
-    root: Path
-    paths: dict[str, str] = field(default_factory=dict)
+    basetemp: Path
+
+    @classmethod
+    def for_test(cls, request: pytest.FixtureRequest) -> Recorder:
+        """The recorder of the requesting test (each suite's ``record`` fixture)."""
+        case = request.node.callspec.id if hasattr(request.node, "callspec") else request.node.name
+        return cls(request.module.__name__.removeprefix("test_"), case, request.getfixturevalue("tmp_path_factory").getbasetemp())
 
     def scrub(self, text: str) -> str:
-        """Messages with the test's temporary folder removed, so the table reads the same on every run."""
-        text = text.replace(str(self.root) + "/", "").replace(str(self.root), ".")
-        for path, name in self.paths.items():
-            text = text.replace(path, name)
-        return re.sub(r"/tmp/cdcl-case-\w+/", "", text)
+        """One line, without the test's temporary folders, so the table reads the same on every run."""
+        test_dir = re.escape(str(self.basetemp)) + r"/[^/\s:'\"]+"
+        text = re.sub(test_dir + "/", "", " ".join(text.split()))
+        text = re.sub(test_dir, ".", text)
+        text = re.sub(re.escape(tempfile.gettempdir()) + r"/cdcl-case-\w+/", "", text)
+        return text if len(text) <= 400 else text[:399] + "…"
 
-    def __call__(self, command: str, given: str, result: CliResult, expected: str, message: str | None = None,
+    def __call__(self, command: str, given: str, result: CliResult | None, expected: str, *, message: str | None = None,
                  outcome: str | None = None) -> None:
+        """One case: ``result`` of the CLI run (None for in-process cases, which give ``message``); ``message``
+        defaults to stderr's last line on failure, else the last line of output."""
         target = os.environ.get("CDCL_RELIABILITY_JSON")
         if not target:
             return
-        if message is None:
-            message = result.last_line if result.rc != 0 else ([""] + result.stdout.strip().splitlines())[-1]
+        if message is None and result is not None:
+            lines = [line for line in (result.stdout if result.rc == 0 else "").splitlines() if line.strip()]
+            message = lines[-1] if lines else result.last_line
         row = {"suite": self.suite, "case": self.case, "command": command, "input": given, "expected": expected,
-               "exit_code": result.rc, "message": self.scrub(message), "outcome": outcome or "as expected",
-               "seconds": round(result.seconds, 2), "cpu_seconds": round(result.cpu_seconds, 2),
-               "peak_rss_growth_mb": round(result.rss_growth_mb, 1)}
+               "exit_code": None if result is None else result.rc, "message": self.scrub(message or ""),
+               "outcome": outcome or ""}
+        if result is not None:
+            row.update(seconds=round(result.seconds, 2), cpu_seconds=round(result.cpu_seconds, 2),
+                       peak_rss_mb=round(result.max_rss_mb, 1))
         with open(target, "a") as fh:
             fh.write(json.dumps(row) + "\n")
 
 
-@pytest.fixture
-def record(request, tmp_path) -> Recorder:
-    """``record(command, input description, result, expected)`` for the current test."""
-    case = request.node.callspec.id if hasattr(request.node, "callspec") else request.node.name
-    return Recorder(request.module.__name__.removeprefix("test_"), case, tmp_path)
 
 
 # ---- the zygote (server side) ---------------------------------------------------------------------------------
@@ -329,6 +352,7 @@ def _serve() -> None:
             __import__(name)
         except Exception as exc:  # noqa: BLE001
             print(f"zygote: cannot preload {name}: {exc!r}", file=sys.stderr)
+    gc.freeze()  # children collect only what they create: fast, and no copy-on-write of the imported modules
     replies.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         request = json.loads(line)
@@ -343,16 +367,15 @@ def _serve() -> None:
         replies.write(json.dumps(_status(pid, wait_status, usage)) + "\n")
 
 
-def _child(request: dict) -> None:
-    """Become ``python -m cdcl.cli ARGV``: own stdio, folder and environment; never returns."""
+def _child(request: dict) -> NoReturn:
+    """Become ``python -m cdcl.cli ARGV``: own stdio, folder, environment and process group. Ends as the
+    interpreter would: SystemExit unwinds out of the server loop, so atexit handlers and finalizers run too."""
     import runpy
     import traceback
 
-    code = 1
     try:
         os.setpgrp()
         io = Path(request["io"])
-        (io / "base_rss_kb").write_text(str(_rss_kb()))
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         os.dup2(os.open(io / "stdout", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 1)
         os.dup2(os.open(io / "stderr", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
@@ -362,21 +385,22 @@ def _child(request: dict) -> None:
         sys.stdin = open(0, closefd=False)
         sys.argv = [str(Path(sys.modules.pop("cdcl.cli").__file__)), *request["argv"]]  # as `python -m` finds it
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    except BaseException:  # noqa: BLE001 - never run the command half set up
+        traceback.print_exc()
+        os._exit(70)
+    code = 1
+    try:
         runpy.run_module("cdcl.cli", run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as exc:
-        if exc.code is None or isinstance(exc.code, int):
-            code = exc.code or 0
-        else:
-            print(exc.code, file=sys.stderr)
-    except BaseException:  # noqa: BLE001 - what the interpreter would print for an uncaught exception
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else (print(exc.code, file=sys.stderr), 1)[1]
+    except BaseException:  # noqa: BLE001 - what the interpreter prints for an uncaught exception
         traceback.print_exc()
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+    atexit._run_exitfuncs()
+    gc.collect()  # what finalization would report (e.g. asyncio tasks whose errors nobody retrieved)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:

@@ -126,14 +126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         (parser if args.command != "data" else parser._subparsers._group_actions[0].choices["data"]).print_help()
         return 2
     module_name, func_name = handler.split(":")
+    command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))  # e.g. "data check"
     try:
         func = getattr(importlib.import_module(module_name), func_name)
         return int(func(args) or 0)
     except CdclError as err:
-        print(f"cdcl {args.command}: error: {err}", file=sys.stderr)
+        print(f"cdcl {command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"cdcl {args.command}: interrupted", file=sys.stderr)
+        print(f"cdcl {command}: interrupted", file=sys.stderr)
         return 130
 
 

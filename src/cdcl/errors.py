@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class CdclError(Exception):
@@ -12,3 +16,20 @@ class CdclError(Exception):
         self.problem = " ".join(str(problem).split())
         self.path = None if path is None else str(path)
         super().__init__(f"{self.path}: {self.problem}" if self.path else self.problem)
+
+
+def from_workers(items: Iterable[T]) -> Iterator[T]:
+    """``items`` (a DataLoader), with a CdclError raised in a worker process given back its own one line: the
+    DataLoader re-raises it as ``CdclError("Caught CdclError in DataLoader worker process N. Original
+    Traceback ... CdclError: path: problem")``."""
+    iterator = iter(items)
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except CdclError as err:
+            if "DataLoader worker" not in err.problem:
+                raise
+            raise CdclError(err.problem.rpartition("CdclError: ")[2]) from None
+        yield item

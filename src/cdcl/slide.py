@@ -11,6 +11,8 @@ the time and memory (they run :func:`tile_nuclei`).
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +67,14 @@ def _read_within(size: tuple[int, int], x: int, y: int, width: int, height: int,
     return out
 
 
+def _silence_abandoned_reads() -> None:
+    """tiffslide reads through zarr's asyncio tasks: when one fails, its siblings are abandoned, and at exit asyncio
+    logs each with a traceback ("Task exception was never retrieved", "coroutine ... was never awaited"). The first
+    failure is the one reported (as a CdclError that ends the command), so the rest is silenced."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+
+
 class FileSlideReader:
     """A slide file opened with ``openslide`` or ``tiffslide`` (both expose the OpenSlide API)."""
 
@@ -93,12 +103,22 @@ class FileSlideReader:
         scale = self.level_downsamples[level]
 
         def fetch(x0: int, y0: int, w: int, h: int) -> np.ndarray:
-            return _to_rgb(self._slide.read_region((round(x0 * scale), round(y0 * scale)), level, (w, h)))
+            return self._read(f"level {level} at ({x0}, {y0})",
+                              lambda: self._slide.read_region((round(x0 * scale), round(y0 * scale)), level, (w, h)))
 
         return _read_within(self.level_dimensions[level], x, y, width, height, fetch)
 
     def thumbnail(self, max_side: int) -> np.ndarray:
-        return _to_rgb(self._slide.get_thumbnail((max_side, max_side)))
+        return self._read("the thumbnail", lambda: self._slide.get_thumbnail((max_side, max_side)))
+
+    def _read(self, what: str, read: Callable[[], Image.Image]) -> np.ndarray:
+        """A damaged file fails deep inside the backend (OpenSlideError, tifffile, zarr, codecs): one line instead."""
+        try:
+            return _to_rgb(read())
+        except Exception as exc:  # noqa: BLE001 - the backends raise many types for the same damage
+            detail = " ".join(str(exc).split())[:160]
+            _silence_abandoned_reads()
+            raise CdclError(f"cannot read {what} of the slide: damaged file? ({type(exc).__name__}: {detail})", self.name) from None
 
     def reopen(self) -> FileSlideReader:
         return FileSlideReader(self.name, self.backend, self._mpp_override)

@@ -34,7 +34,7 @@ from cdcl.data.loaders import LabeledSet, UnlabeledSet, stream_loader
 from cdcl.data.splits import read_split_file
 from cdcl.errors import CdclError
 from cdcl.infer import sliding_window_probability
-from cdcl.io import ensure_writable_dir, write_text_atomic
+from cdcl.io import ensure_writable_dir, remove_leftover_temporaries, write_text_atomic
 from cdcl.losses import ema_alpha
 from cdcl.methods import build_method
 from cdcl.models import build_model
@@ -43,6 +43,8 @@ from cdcl.runtime import amp_dtype, resolve_device, seed_everything
 from cdcl.viz import plot_training_curves
 
 log = logging.getLogger(__name__)
+
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "curves.png")  # what a run folder holds
 
 
 @dataclass
@@ -78,13 +80,23 @@ def init_distributed(device_name: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def config_folder(key: str, value: str, hint: str) -> Path:
+    """The folder a config value names, resolved against the current directory (an empty value would silently
+    mean the current directory); CdclError naming the key when it is unset or not an existing folder."""
+    if not value:
+        raise CdclError(f"config key '{key}' is not set ({hint})")
+    path = Path(value).expanduser().resolve()
+    if not path.is_dir():
+        raise CdclError(f"config key '{key}': {'not a folder' if path.exists() else 'folder not found'} ({hint})", path)
+    return path
+
+
 def load_splits(config: Config, needs_unlabeled: bool) -> Splits:
     """Items named by the split folder; the labeled list must be non-empty and every labeled item annotated."""
     d = config.data
-    if not d.split_dir:
-        raise CdclError("config key 'data.split_dir' is not set (write one with `cdcl split`)")
-    split_dir = Path(d.split_dir)
-    dataset = load_dataset(d.root, d.format)
+    root = config_folder("data.root", d.root, "the dataset folder")
+    split_dir = config_folder("data.split_dir", d.split_dir, "write one with `cdcl split`")
+    dataset = load_dataset(root, d.format)
 
     def read(name: str, required: bool) -> list:
         path = split_dir / name
@@ -164,7 +176,9 @@ def pooled_dice(probs: list[np.ndarray], items: list) -> float:
 
 
 def all_finite(model: nn.Module) -> bool:
-    return bool(torch.stack([p.detach().float().abs().sum() for p in model.parameters()]).isfinite().all())
+    """Parameters and float buffers alike: a NaN batch-norm statistic makes every prediction NaN too."""
+    values = [t.detach().float().abs().sum() for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack(values).isfinite().all())
 
 
 class Trainer:
@@ -216,6 +230,9 @@ class Trainer:
     def resume(self) -> None:
         """Continue from last.pt when the run folder has one; refuse a checkpoint of another model."""
         path = self.out / "last.pt"
+        if self.dist.main:
+            for name in RUN_FILES:
+                remove_leftover_temporaries(self.out / name)
         if not path.exists():
             return
         payload = load_checkpoint(path)
@@ -245,7 +262,9 @@ class Trainer:
         path = self._metrics_path()
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        text = path.read_text()
+        complete = text[: text.rfind("\n") + 1]  # a line cut short by a kill has no newline: dropped
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
     def _trim_metrics(self) -> None:
         """Drop records written after the checkpoint we resume from, so the log matches the weights."""
@@ -289,61 +308,73 @@ class Trainer:
         lab_iter, unl_iter = self._loaders()
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         n_images, t0, n_steps = 0, time.perf_counter(), 0
-        bar = tqdm(total=cfg.train.iterations, initial=self.step, desc=f"train {cfg.method.name}", unit="it",
-                   disable=not self.dist.main if self.progress is None else not (self.progress and self.dist.main), dynamic_ncols=True)
         self.student.train()
-        while self.step < cfg.train.iterations:
-            labeled = {k: v.to(self.device, non_blocking=True) for k, v in next(lab_iter).items()}
-            unlabeled = None
-            if unl_iter is not None:
-                unlabeled = {k: v.to(self.device, non_blocking=True) for k, v in next(unl_iter).items()}
-            lr = cfg.optim.lr * lr_factor(self.step, cfg)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                terms = self.method.losses(student, self.teacher, labeled, unlabeled, self.step)
-            if not torch.isfinite(terms["total"]):
-                self._nonfinite(terms)
-                continue
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(terms["total"]).backward()
-            if cfg.optim.grad_clip > 0:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            update_ema(self.teacher, self.student, self.step, cfg.method.ema_decay)
-            self.step += 1
-            n_steps += 1
-            n_images += labeled["image"].shape[0] + (0 if unlabeled is None else unlabeled["weak"].shape[0])
-            for k, v in terms.items():
-                sums[k] = sums[k] + v.detach().float()
-            bar.update(1)
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.iterations:
-                elapsed = time.perf_counter() - t0
-                record = {"iteration": self.step, "lr": lr, "images_per_s": n_images / max(elapsed, 1e-9),
-                          "s_per_iter": elapsed / max(n_steps, 1)}
-                record.update({(k if k.startswith("stat/") else f"loss/{k}"): float(v) / n_steps for k, v in sums.items()})
-                bar.set_postfix(loss=f"{record['loss/total']:.3f}")
-                self._log(record)
-                sums.clear()
-                n_images, n_steps, t0 = 0, 0, time.perf_counter()
-            if self.step % cfg.train.val_every == 0 or self.step == cfg.train.iterations:
-                self._validate_and_save()
-        bar.close()
+        # closed (its line ended) before any error propagates, so the error is stderr's own last line
+        with tqdm(total=cfg.train.iterations, initial=self.step, desc=f"train {cfg.method.name}", unit="it",
+                  disable=not self.dist.main if self.progress is None else not (self.progress and self.dist.main),
+                  dynamic_ncols=True) as bar:
+            while self.step < cfg.train.iterations:
+                labeled = {k: v.to(self.device, non_blocking=True) for k, v in next(lab_iter).items()}
+                unlabeled = None
+                if unl_iter is not None:
+                    unlabeled = {k: v.to(self.device, non_blocking=True) for k, v in next(unl_iter).items()}
+                lr = cfg.optim.lr * lr_factor(self.step, cfg)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                before = self._state_before_step() if cfg.train.on_nonfinite == "skip" else None
+                with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                    terms = self.method.losses(student, self.teacher, labeled, unlabeled, self.step)
+                if not torch.isfinite(terms["total"]):
+                    self._nonfinite(terms, before)
+                    continue
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(terms["total"]).backward()
+                if cfg.optim.grad_clip > 0:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                update_ema(self.teacher, self.student, self.step, cfg.method.ema_decay)
+                self.step += 1
+                n_steps += 1
+                n_images += labeled["image"].shape[0] + (0 if unlabeled is None else unlabeled["weak"].shape[0])
+                for k, v in terms.items():
+                    sums[k] = sums[k] + v.detach().float()
+                bar.update(1)
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.iterations:
+                    elapsed = time.perf_counter() - t0
+                    record = {"iteration": self.step, "lr": lr, "images_per_s": n_images / max(elapsed, 1e-9),
+                              "s_per_iter": elapsed / max(n_steps, 1)}
+                    record.update({(k if k.startswith("stat/") else f"loss/{k}"): float(v) / n_steps for k, v in sums.items()})
+                    bar.set_postfix(loss=f"{record['loss/total']:.3f}")
+                    self._log(record)
+                    sums.clear()
+                    n_images, n_steps, t0 = 0, 0, time.perf_counter()
+                if self.step % cfg.train.val_every == 0 or self.step == cfg.train.iterations:
+                    self._validate_and_save()
         if self.dist.enabled:
             dist.barrier()
         self._finish()
         return self.summary()
 
-    def _nonfinite(self, terms: dict[str, torch.Tensor]) -> None:
-        values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items() if not k.startswith("stat/"))
+    def _state_before_step(self) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """What a forward pass changes besides the weights: batch-norm statistics and the method's state (CDCL's
+        memory bank). Kept so that a skipped step leaves no trace: a NaN input poisons both before the loss shows it."""
+        return [b.detach().clone() for b in self.student.buffers()], self.method.state_dict()
+
+    def _nonfinite(self, terms: dict[str, torch.Tensor], before: tuple[list[torch.Tensor], dict[str, Any]] | None) -> None:
+        values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items() if not k.startswith("stat/"))
         self.skipped += 1
         where = f"iteration {self.step + 1}"
         if self.config.train.on_nonfinite == "stop" or self.skipped > self.config.train.max_skipped:
             raise CdclError(f"non-finite loss at {where} ({values}); stopped, last good checkpoint kept "
                             f"(train.on_nonfinite=skip skips such steps)", self.out)
         log.warning("skipping %s: non-finite loss (%s); %d skipped so far", where, values, self.skipped)
+        buffers, method_state = before
+        with torch.no_grad():
+            for buffer, saved in zip(self.student.buffers(), buffers):
+                buffer.copy_(saved)
+        self.method.load_state_dict(method_state)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
 

@@ -42,10 +42,10 @@ from tqdm import tqdm
 
 from cdcl import __version__
 from cdcl.checkpoint import Predictor, load_predictor
-from cdcl.errors import CdclError
+from cdcl.errors import CdclError, from_workers
 from cdcl.export import NUCLEUS_COLOR, csv_stream, geojson_stream, nucleus_feature
 from cdcl.infer import sliding_window_probability
-from cdcl.io import ensure_writable_dir, write_json_atomic
+from cdcl.io import ensure_writable_dir, remove_leftover_temporaries, write_json_atomic
 from cdcl.slide import Grid, SlideReader, choose_level, open_slide, tile_nuclei_json, tissue_mask, tissue_tiles
 from cdcl.viz import save_png
 
@@ -150,7 +150,7 @@ def _predict_tiles(predictor: Predictor, reader: SlideReader, grid: Grid, todo: 
     pool = ProcessPoolExecutor(workers, mp_context=get_context("forkserver")) if workers else _Inline()
     pending: deque[tuple[int, Future]] = deque()
     with pool:
-        for item in loader:
+        for item in from_workers(loader):
             prob = sliding_window_probability(predictor.model, item["image"], window=predictor.window, overlap=predictor.overlap,
                                               batch_size=predictor.batch_size, device=predictor.device, amp=predictor.amp)
             job = pool.submit(tile_nuclei_json, prob, item["image"], predictor.postprocess, item["core"], item["box"], grid.scale)
@@ -167,6 +167,8 @@ def _predict_tiles(predictor: Predictor, reader: SlideReader, grid: Grid, todo: 
 def write_outputs(journal: Journal, out_dir: Path, stem: str, thumbnail: np.ndarray, level0_width: int) -> int:
     """GeoJSON, CSV and overlay in one streamed pass over the journal; returns the number of nuclei. The
     outlines are drawn at thumbnail scale, so memory does not depend on the slide size."""
+    for name in (f"{stem}.geojson", f"{stem}_nuclei.csv", f"{stem}_overlay.png", "summary.json"):
+        remove_leftover_temporaries(out_dir / name)  # of an earlier run killed while writing them
     scale = thumbnail.shape[1] / level0_width
     overlay = Image.fromarray(thumbnail)
     draw = ImageDraw.Draw(overlay)

@@ -71,15 +71,21 @@ def create_encoder(name: str, pretrained: bool | str) -> nn.Module:
         hint = f"close matches: {', '.join(close)}" if close else "e.g. resnet18, resnet34, densenet161, efficientnet_b0"
         raise CdclError(f"unknown encoder '{name}' ({hint}; all names: python -c 'import timm; print(timm.list_models())')")
     kwargs: dict = {"features_only": True, "pretrained": bool(pretrained)}
+    path = None
     if isinstance(pretrained, str):
-        path = Path(pretrained).expanduser()
+        path = Path(pretrained).expanduser().resolve()
         if not path.is_file():
-            raise CdclError("pretrained weights file not found", path)
+            raise CdclError("config key 'model.pretrained': weights file not found", path)
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
     try:
         encoder = timm.create_model(name, **kwargs)
-    except RuntimeError as exc:  # features_only unsupported, or weights that do not fit
-        raise CdclError(f"cannot build encoder '{name}': {' '.join(str(exc).split())[:300]}") from None
+    except Exception as exc:  # noqa: BLE001 - timm and the hub raise many types; each is a one-line user error
+        detail = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        if not pretrained:  # features_only unsupported by this architecture
+            raise CdclError(f"cannot build encoder '{name}' ({detail})") from None
+        source = "this file" if path else "the Hugging Face hub (needs the network)"
+        raise CdclError(f"config key 'model.pretrained': cannot load '{name}' weights from {source}; use a local "
+                        f"weights file or model.pretrained=false ({detail})", path) from None
     reductions = encoder.feature_info.reduction()
     missing = [s for s in STRIDES if s not in reductions]
     if missing:
