@@ -31,7 +31,7 @@ def demo_overrides(data_dir: Path, split_dir: Path, method: str, iterations: int
     return [
         f"data.root={data_dir}", "data.format=folder", f"data.split_dir={split_dir}", "data.num_workers=0",
         "data.batch_size=4", "data.unlabeled_batch_size=4", f"method.name={method}",
-        f"train.iterations={iterations}", f"train.val_every={max(1, iterations // 4)}", "train.log_every=10",
+        f"train.iterations={iterations}", f"train.val_every={iterations}", "train.log_every=10",
         "train.device=cpu", f"method.warmup_iters={iterations // 4}", f"method.ramp_iters={iterations // 2}",
         "method.bank_capacity=2", "method.num_anchors=256", "method.num_bank_samples=512", "optim.lr=0.002",
     ]
