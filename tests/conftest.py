@@ -22,3 +22,19 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "monuseg").is_dir() or not (SHARED_DATA / "dsb2018").is_dir():
         pytest.fail(f"real data not found at {SHARED_DATA} (expected ../shared/data beside the repository root)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny dataset, split and trained checkpoint for the CLI suites (one per test module)."""
+    from cli_cases import tiny_world
+
+    return tiny_world(tmp_path_factory)
+
+
+@pytest.fixture
+def record(request):
+    """Records each CLI case for docs/RELIABILITY.md when CDCL_RELIABILITY_JSON is set."""
+    from cli_cases import Recorder
+
+    return Recorder.for_test(request)

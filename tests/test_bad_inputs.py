@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from cli_cases import (TINY_ENCODER, Recorder, World, assert_ok, assert_refused, copy_data, run_cdcl, stray_files,
-                       tiny_world, write_slide)
+from cli_cases import (TINY_ENCODER, World, assert_ok, assert_refused, copy_data, run_cdcl, stray_files, write_slide)
 from make_slide import write_pyramid
 from PIL import Image
 from test_export import check_geojson
@@ -26,14 +25,6 @@ from cdcl.models import build_model
 FIRST = "synth_000"  # a labeled training item of the tiny split
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> World:
-    return tiny_world(tmp_path_factory)
-
-
-@pytest.fixture
-def record(request) -> Recorder:
-    return Recorder.for_test(request)
 
 
 # ---- breaking things -----------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_cases import Recorder, Running, World, assert_ok, run_cdcl, start_cdcl, stray_files, tiny_world, write_slide
+from cli_cases import Running, World, assert_ok, run_cdcl, start_cdcl, stray_files, write_slide
 
 from cdcl.checkpoint import load_checkpoint
 
@@ -20,14 +20,6 @@ ITERATIONS = 8
 SLIDE_OUTPUTS = ("slide.geojson", "slide_nuclei.csv", "slide_overlay.png", "summary.json")
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> World:
-    return tiny_world(tmp_path_factory)
-
-
-@pytest.fixture
-def record(request) -> Recorder:
-    return Recorder.for_test(request)
 
 
 def train_args(world: World, run: Path) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_cases import CliResult, Recorder, World, assert_ok, assert_refused, copy_data, run_cdcl, tiny_world, write_slide
+from cli_cases import CliResult, World, assert_ok, assert_refused, copy_data, run_cdcl, write_slide
 
 from cdcl.checkpoint import load_checkpoint
 
@@ -24,14 +24,6 @@ EXTRA_CPU_SECONDS = 3.0
 EXTRA_MEMORY_MB = 100.0
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> World:
-    return tiny_world(tmp_path_factory)
-
-
-@pytest.fixture
-def record(request) -> Recorder:
-    return Recorder.for_test(request)
 
 
 # ---- checkpoints whose pickle runs a command -------------------------------------------------------------------
