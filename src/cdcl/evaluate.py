@@ -23,9 +23,8 @@ from cdcl.errors import CdclError
 from cdcl.infer import predict_instances
 from cdcl.io import ensure_writable_dir
 from cdcl.metrics import aggregate, evaluate_pair
-from cdcl.viz import overlay_contours, save_png
+from cdcl.viz import GT_COLOUR, PRED_COLOUR, overlay_contours, save_png
 
-GT_COLOUR, PRED_COLOUR = (0, 255, 0), (255, 255, 0)
 SUMMARY_KEYS = ("dice", "iou", "aji", "aji_plus", "dq", "sq", "pq", "precision", "recall", "f1")
 
 
