@@ -12,6 +12,7 @@ exists, and the Markdown table and plot are rewritten, so an interrupted sweep l
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "runs"
+DEFAULT_DATA = "../shared/data"  # relative to the repository root, as in the configs
 METHODS = ("supervised", "mean_teacher", "fixmatch", "cdcl")
 METRICS = ("dice", "iou", "aji", "pq")
 FRACTIONS = {"1-32": 1 / 32, "1-16": 1 / 16, "1-8": 1 / 8, "full": 1.0}
@@ -77,6 +79,8 @@ def plan() -> list[Run]:
 
 
 def git_commit() -> str:
+    if os.environ.get("CDCL_GIT_COMMIT"):  # a copy of the tree without .git (e.g. a borrowed GPU machine)
+        return os.environ["CDCL_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -95,20 +99,25 @@ def load_results() -> dict:
     return json.loads(path.read_text()) if path.exists() else {"runs": {}}
 
 
-def save_results(results: dict) -> None:
+def record_result(key: str, record: dict) -> dict:
+    """Merge one run into the JSON under a lock, so concurrent sweep processes never drop each other's runs."""
     from cdcl.io import write_json_atomic
 
-    write_json_atomic(RESULTS / "quality.json", results)
+    with open(RESULTS / ".quality.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = load_results()
+        results["runs"][key] = record
+        write_json_atomic(RESULTS / "quality.json", results)
+    return results
 
 
 def cdcl(*args: str) -> list[str]:
     return [sys.executable, "-m", "cdcl.cli", *args]
 
 
-def ensure_split(run: Run) -> None:
+def ensure_split(run: Run, data: str) -> None:
     if (run.split_dir / "labeled.txt").exists():
         return
-    data = {"monuseg": "../shared/data/monuseg", "dsb2018": "../shared/data/dsb2018"}[run.dataset]
     subprocess.run(cdcl("split", data, "--format", run.dataset, "--labeled", str(FRACTIONS[run.budget]),
                         "--seed", str(run.seed), "--out", str(run.split_dir)), cwd=ROOT, check=True)
 
@@ -131,15 +140,16 @@ def claim(run: Run) -> bool:
     return True
 
 
-def execute(run: Run, extra: list[str]) -> dict:
+def execute(run: Run, extra: list[str], data_root: str = DEFAULT_DATA) -> dict:
     """Train (or resume) and evaluate one run; returns its JSON record."""
-    ensure_split(run)
+    data = f"{data_root}/{run.dataset}"
+    ensure_split(run, data)
     config = ROOT / "configs" / f"{run.dataset}_{run.method}.yaml"
-    sets = [f"data.split_dir={run.split_dir}", f"train.seed={run.seed}", *run.overrides, *extra]
+    moved = [f"data.root={data}"] if data_root != DEFAULT_DATA else []
+    sets = [f"data.split_dir={run.split_dir}", f"train.seed={run.seed}", *moved, *run.overrides, *extra]
     train_cmd = cdcl("train", "--config", str(config.relative_to(ROOT)), *[a for s in sets for a in ("--set", s)],
                      "--out", str(run.run_dir.relative_to(ROOT)))
     subprocess.run(train_cmd, cwd=ROOT, check=True)
-    data = {"monuseg": "../shared/data/monuseg", "dsb2018": "../shared/data/dsb2018"}[run.dataset]
     eval_dir = run.run_dir / "eval_test"
     eval_cmd = cdcl("evaluate", "--checkpoint", str(run.run_dir / "best.pt"), "--data", data, "--format", run.dataset,
                     "--split", str(run.split_dir / "test.txt"), "--out", str(eval_dir), "--no-overlays")
@@ -229,6 +239,7 @@ def main() -> None:
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--set", action="append", default=[], help="extra config override for every run")
+    parser.add_argument("--data-root", default=DEFAULT_DATA, help="folder holding monuseg/ and dsb2018/")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     runs = [r for r in plan() if not args.only or any(r.key.startswith(p) for p in args.only)]
@@ -243,12 +254,10 @@ def main() -> None:
                 continue
             print(f"=== {run.key}", flush=True)
             try:
-                record = execute(run, args.set)
+                record = execute(run, args.set, args.data_root)
             finally:
                 (run.run_dir / "runner.pid").unlink(missing_ok=True)
-            results = load_results()
-            results["runs"][run.key] = record
-            save_results(results)
+            results = record_result(run.key, record)
             report(results)
     report(results)
 
