@@ -63,10 +63,10 @@ class Run:
 def plan() -> list[Run]:
     """The order matters: the headline comparisons first, so an interrupted sweep has them."""
     runs: list[Run] = []
-    for seed in (0, 1, 2):
+    for pair in (("supervised", "cdcl"), ("mean_teacher", "fixmatch")):
         for budget in ("1-16", "1-32"):
-            for method in ("supervised", "cdcl", "mean_teacher", "fixmatch"):
-                runs.append(Run("monuseg", budget, seed, method, method))
+            for seed in (0, 1, 2):
+                runs.extend(Run("monuseg", budget, seed, method, method) for method in pair)
     for seed in (0, 1, 2):
         runs.append(Run("monuseg", "full", seed, "supervised", "supervised"))
         for method in ("supervised", "cdcl", "mean_teacher", "fixmatch"):
