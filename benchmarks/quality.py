@@ -185,32 +185,59 @@ def execute(run: Run, extra: list[str], data_root: str = DEFAULT_DATA) -> dict:
     }
 
 
-def mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float], digits: int = 3) -> str:
     if not values:
         return "-"
     m = sum(values) / len(values)
     if len(values) == 1:
-        return f"{m:.3f} (n=1)"
+        return f"{m:.{digits}f} (n=1)"
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-    return f"{m:.3f} ± {sd:.3f} (n={len(values)})"
+    return f"{m:.{digits}f} ± {sd:.{digits}f} (n={len(values)})"
+
+
+def hardware(rec: dict) -> str:
+    return rec["machine"].get("cuda") or f"{rec['machine']['cpus']}-core CPU"
+
+
+def speed(recs: list[dict]) -> str:
+    """Median seconds per iteration by hardware (GPU and CPU runs are never averaged together)."""
+    by: dict[str, list[float]] = {}
+    for r in recs:
+        if r.get("median_s_per_iter"):
+            by.setdefault(hardware(r), []).append(r["median_s_per_iter"])
+    return "; ".join(f"{hw} {sorted(v)[len(v) // 2]:.2f} (n={len(v)})" for hw, v in sorted(by.items())) or "-"
+
+
+def paired_gaps(groups: dict, dataset: str = "monuseg") -> list[str]:
+    """CDCL minus each baseline on the same split and seed, in Dice and AJI points: the target's test."""
+    lines = ["| labeled | CDCL minus | seeds | Dice points | AJI points |", "|---|---|---|---|---|"]
+    for budget in FRACTIONS:
+        cdcl_runs = {r["seed"]: r for r in groups.get((dataset, budget, "cdcl"), [])}
+        for base in ("supervised", "mean_teacher", "fixmatch"):
+            pairs = [(cdcl_runs[r["seed"]], r) for r in groups.get((dataset, budget, base), []) if r["seed"] in cdcl_runs]
+            if pairs:
+                gaps = {k: [100 * (c["mean"][k] - b["mean"][k]) for c, b in pairs] for k in ("dice", "aji")}
+                lines.append(f"| {budget.replace('-', '/')} | {base} | {len(pairs)} | "
+                             f"{mean_sd(gaps['dice'], 1)} | {mean_sd(gaps['aji'], 1)} |")
+    return lines
 
 
 def report(results: dict) -> None:
-    """Markdown table (mean ± sd over seeds of per-image means on the test images) and a plot."""
+    """Markdown tables (mean ± sd over seeds of per-image means on the test images; paired gaps) and a plot."""
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for rec in results["runs"].values():
         groups.setdefault((rec["dataset"], rec["budget"], rec["name"]), []).append(rec)
     order = {b: i for i, b in enumerate(FRACTIONS)}
-    lines = ["| dataset | labeled | method | " + " | ".join(METRICS) + " | val Dice at end of training | s/iter |",
+    lines = ["| dataset | labeled | method | " + " | ".join(METRICS) + " | best val Dice | s/iter by hardware |",
              "|---|---|---|" + "---|" * (len(METRICS) + 2)]
     for (ds, budget, name), recs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 9), kv[0][2])):
         cells = [mean_sd([r["mean"][k] for r in recs]) for k in METRICS]
-        last_val = mean_sd([r["val_dice_curve"][-1][1] for r in recs if r["val_dice_curve"]])
-        spi = [r["median_s_per_iter"] for r in recs if r.get("median_s_per_iter")]
-        spi_text = f"{sum(spi) / len(spi):.2f}" if spi else "-"
-        lines.append(f"| {ds} | {budget.replace('-', '/')} | {name} | " + " | ".join(cells) + f" | {last_val} | {spi_text} |")
+        best_val = mean_sd([max(v for _, v in r["val_dice_curve"]) for r in recs if r["val_dice_curve"]])
+        lines.append(f"| {ds} | {budget.replace('-', '/')} | {name} | " + " | ".join(cells) + f" | {best_val} | {speed(recs)} |")
     text = ("Per-image mean over the test images; ± is the sample standard deviation over seeded splits "
-            "(n = number of seeds).\n\n" + "\n".join(lines) + "\n")
+            "(n = number of seeds). 'best val Dice' is the checkpoint kept (chosen on the validation images).\n\n"
+            + "\n".join(lines) + "\n\nPaired on split and seed (mean ± sd of the per-seed differences):\n\n"
+            + "\n".join(paired_gaps(groups)) + "\n")
     (RESULTS / "quality.md").write_text(text)
     plot(groups)
 
@@ -241,7 +268,7 @@ def plot(groups: dict) -> None:
         ax.set_ylabel(metric.upper() if metric != "dice" else "Dice")
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle("MoNuSeg test images (cpu-small preset)")
+    fig.suptitle("MoNuSeg test images (cpu-small preset; mean ± sd over seeded splits)")
     fig.tight_layout()
     fig.savefig(RESULTS / "quality.png", dpi=110)
 
