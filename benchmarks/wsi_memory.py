@@ -7,7 +7,7 @@ and .md with:
 - peak resident memory per run: GNU time's "Maximum resident set size" (the largest single process), and the
   peak summed over the whole process tree (main + DataLoader readers + post-processing pool), sampled from
   /proc every 0.2 s; the check is large/small <= 1.3;
-- end-to-end throughput: tile-core megapixels per second of the prediction phase, from the run's summary.json
+- end-to-end throughput: tile-core megapixels per second of the prediction phase, from the run's <slide>_summary.json
   (slide opening, model loading and the final GeoJSON/CSV/overlay writing are reported separately);
 - the model's bare forward-pass throughput on the same tiles: the small slide's tiles with their halo, cut
   into exactly the windows and batches sliding_window_probability uses, already on the device, timed with
@@ -57,6 +57,13 @@ def build_slide(folder: Path, side: int, compression: str, data: Path = SHARED_D
     return path
 
 
+def git_commit() -> str:
+    if os.environ.get("CDCL_GIT_COMMIT"):  # a copy of the tree without .git (e.g. a borrowed GPU machine)
+        return os.environ["CDCL_GIT_COMMIT"]
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
 def tree_rss_kb(pid: int) -> int:
     """Resident memory of a process and all its descendants (kB), from /proc."""
     total, stack = 0, [pid]
@@ -100,7 +107,7 @@ def run_predict_wsi(slide: Path, out: Path, args: argparse.Namespace, checkpoint
     if proc.returncode != 0:
         raise SystemExit(f"predict-wsi failed on {slide.name}:\n{stderr[-3000:]}")
     found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / f"{slide.stem}_summary.json").read_text())
     return {"slide_px": summary["level0_size"], "tiles": summary["tiles"]["tissue"], "nuclei": summary["nuclei"],
             "peak_rss_mb": round(int(found.group(1)) / 1024, 1) if found else None, "peak_tree_rss_mb": round(peak_tree[0] / 1024, 1),
             "megapixels": summary["megapixels_predicted"], "seconds_predict": summary["seconds_predict"],
@@ -225,6 +232,7 @@ def main() -> int:
     device = torch.cuda.get_device_name(predictor.device) if predictor.device.type == "cuda" else platform.processor() or "cpu"
     result = {
         "command": " ".join(["python", "benchmarks/wsi_memory.py", *sys.argv[1:]]),
+        "commit": git_commit(), "platform": platform.platform(), "load_average_at_end": list(os.getloadavg()),
         "model": "stand-in (pointwise, tests/make_slide.py)" if args.stand_in else args.checkpoint,
         "device": device, "cpus": os.cpu_count(), "torch": torch.__version__, "tile": args.tile, "halo": args.halo,
         "workers": args.workers, "window": predictor.window, "batch_size": predictor.batch_size, "amp": predictor.amp,

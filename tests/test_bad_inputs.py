@@ -613,6 +613,6 @@ def test_predict_wsi_writes_complete_outputs(world, tmp_path, record):
     result = run_cdcl(*wsi_args(world.checkpoint, slide, out))
     record("predict-wsi", "512x768 pyramidal TIFF of synthetic tissue", result, "exit 0")
     assert_ok(result)
-    assert sorted(p.name for p in out.iterdir()) == ["slide.geojson", "slide_nuclei.csv", "slide_overlay.png", "summary.json"]
-    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["slide.geojson", "slide_nuclei.csv", "slide_overlay.png", "slide_summary.json"]
+    summary = json.loads((out / "slide_summary.json").read_text())
     assert len(check_geojson(out / "slide.geojson")["features"]) == summary["nuclei"]

@@ -17,7 +17,7 @@ from cli_cases import Running, World, assert_ok, run_cdcl, start_cdcl, stray_fil
 from cdcl.checkpoint import load_checkpoint
 
 ITERATIONS = 8
-SLIDE_OUTPUTS = ("slide.geojson", "slide_nuclei.csv", "slide_overlay.png", "summary.json")
+SLIDE_OUTPUTS = ("slide.geojson", "slide_nuclei.csv", "slide_overlay.png", "slide_summary.json")
 
 
 
@@ -173,7 +173,7 @@ def test_predict_wsi_killed_mid_run_resumes_to_the_same_files(world, tmp_path, r
     final = run_cdcl(*wsi_args(world, slide, out))
     assert_ok(final)
     same = all((out / name).read_bytes() == (reference / name).read_bytes() for name in ("slide.geojson", "slide_nuclei.csv"))
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "slide_summary.json").read_text())
     record("predict-wsi", "re-run of the same command after the kills", final, "exit 0, same files",
            outcome=f"resumed {summary['tiles']['resumed']} of {summary['tiles']['tissue']} tiles; GeoJSON and CSV "
                    + ("identical to an uninterrupted run" if same else "DIFFER"))

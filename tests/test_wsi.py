@@ -76,7 +76,7 @@ def test_seam_nuclei_come_out_once_and_whole(tmp_path, disc_slide) -> None:
         shape = shapely.geometry.shape(feature["geometry"])
         assert row["area"] - 10 < shape.area <= row["area"]
         assert (shape.centroid.x, shape.centroid.y) == pytest.approx((row["centroid_x"], row["centroid_y"]), abs=0.05)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["discs.geojson", "discs_nuclei.csv", "discs_overlay.png", "summary.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["discs.geojson", "discs_nuclei.csv", "discs_overlay.png", "discs_summary.json"]
 
 
 def test_worker_processes_give_the_same_result(tmp_path, disc_slide) -> None:
@@ -200,7 +200,7 @@ def test_predict_wsi_cli_on_a_monuseg_pyramid(tmp_path, mosaic, checkpoint, capl
     with caplog.at_level(logging.INFO):
         code = main(["predict-wsi", "--checkpoint", checkpoint, str(slide), "--out", str(out), "--tile", "512", "--workers", "0"])
     assert code == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "mono_summary.json").read_text())
     assert summary["tiles"]["grid"] == summary["tiles"]["tissue"] == 6  # 100 px margins: every tile has tissue
     assert summary["nuclei"] > 300 and summary["megapixels_per_s"] > 0
     features = check_geojson(out / "mono.geojson")["features"]
@@ -265,7 +265,7 @@ def test_a_real_checkpoint_predicts_images_and_slides(tmp_path, mosaic) -> None:
     slide = write_pyramid(tmp_path / "slide.tif", mosaic[:512, :768], mpp=0.25)
     out = tmp_path / "w"
     assert main(["predict-wsi", "--checkpoint", checkpoint, str(slide), "--out", str(out), "--tile", "256", "--workers", "0", "--device", "cpu"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "slide_summary.json").read_text())
     assert summary["level"] == 1 and summary["working_mpp"] == 0.5  # the checkpoint's resolution picks level 1
     assert summary["tiles"]["tissue"] == 2
     check_geojson(out / "slide.geojson")

@@ -167,7 +167,7 @@ def _predict_tiles(predictor: Predictor, reader: SlideReader, grid: Grid, todo: 
 def write_outputs(journal: Journal, out_dir: Path, stem: str, thumbnail: np.ndarray, level0_width: int) -> int:
     """GeoJSON, CSV and overlay in one streamed pass over the journal; returns the number of nuclei. The
     outlines are drawn at thumbnail scale, so memory does not depend on the slide size."""
-    for name in (f"{stem}.geojson", f"{stem}_nuclei.csv", f"{stem}_overlay.png", "summary.json"):
+    for name in (f"{stem}.geojson", f"{stem}_nuclei.csv", f"{stem}_overlay.png", f"{stem}_summary.json"):
         remove_leftover_temporaries(out_dir / name)  # of an earlier run killed while writing them
     scale = thumbnail.shape[1] / level0_width
     overlay = Image.fromarray(thumbnail)
@@ -195,7 +195,7 @@ def predict_slide(
     run_key: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Predict every tissue tile of ``reader`` and write ``<stem>.geojson``, ``<stem>_nuclei.csv``,
-    ``<stem>_overlay.png`` and ``summary.json`` into ``out_dir``; returns the summary."""
+    ``<stem>_overlay.png`` and ``<stem>_summary.json`` into ``out_dir``; returns the summary."""
     start = time.perf_counter()
     out_dir = ensure_writable_dir(out_dir)
     level, residual = choose_level(reader, predictor.mpp)
@@ -224,7 +224,7 @@ def predict_slide(
         "seconds": round(time.perf_counter() - start, 3), "megapixels_predicted": round(megapixels, 3),
         "megapixels_per_s": round(megapixels / predict_seconds, 3) if todo else None,
     }
-    write_json_atomic(out_dir / "summary.json", summary)
+    write_json_atomic(out_dir / f"{stem}_summary.json", summary)
     shutil.rmtree(journal.folder)
     return summary
 
