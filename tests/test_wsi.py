@@ -79,6 +79,15 @@ def test_seam_nuclei_come_out_once_and_whole(tmp_path, disc_slide) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["discs.geojson", "discs_nuclei.csv", "discs_overlay.png", "discs_summary.json"]
 
 
+def test_two_slides_share_an_output_folder(tmp_path, disc_slide) -> None:
+    image, _ = disc_slide
+    for stem, crop in (("left", image[:, :256]), ("right", image[:, 256:])):
+        predict_slide(stand_in_predictor(), ArrayReader(crop, mpp=0.25), tmp_path, stem=stem, tile=128, halo=32, workers=0)
+    left, right = (json.loads((tmp_path / f"{s}_summary.json").read_text()) for s in ("left", "right"))
+    assert left["nuclei"] + right["nuclei"] > 0 and left["level0_size"][0] == image.shape[1] - right["level0_size"][0]
+    assert {p.suffix for p in tmp_path.iterdir()} == {".geojson", ".csv", ".png", ".json"} and len(list(tmp_path.iterdir())) == 8
+
+
 def test_worker_processes_give_the_same_result(tmp_path, disc_slide) -> None:
     image, _ = disc_slide
     predict_slide(stand_in_predictor(), ArrayReader(image, mpp=0.25), tmp_path / "a", stem="discs", tile=128, halo=32, workers=0)
