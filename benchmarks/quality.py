@@ -180,7 +180,7 @@ def execute(run: Run, extra: list[str], data_root: str = DEFAULT_DATA) -> dict:
         "mean": metrics["mean"], "pooled": metrics["pooled"], "val_dice_curve": val,
         "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
         "median_s_per_iter": sorted(s_per_iter)[len(s_per_iter) // 2] if s_per_iter else None,
-        "train_command": " ".join(train_cmd[2:]).replace("-m cdcl.cli", "cdcl"), "eval_command": " ".join(eval_cmd[2:]),
+        "train_command": " ".join(["cdcl", *train_cmd[3:]]), "eval_command": " ".join(["cdcl", *eval_cmd[3:]]),
         "commit": git_commit(), "machine": machine(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
