@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -29,6 +28,7 @@ from cdcl.data import load_dataset, read_image
 from cdcl.data.splits import read_split_file
 from cdcl.infer import sliding_window_probability
 from cdcl.io import write_json_atomic, write_text_atomic
+from provenance import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLDS = (0.5, 0.7, 0.9, 0.95)
@@ -84,8 +84,7 @@ def main() -> None:
     parser.add_argument("--run", action="append", type=Path, required=True, help="a run folder (config.yaml + best.pt)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    result = {"command": " ".join(["python", "benchmarks/pseudo_labels.py", *sys.argv[1:]]), "commit": commit,
+    result = {"command": " ".join(["python", "benchmarks/pseudo_labels.py", *sys.argv[1:]]), "commit": git_commit(),
               "platform": platform.platform(), "cpus": os.cpu_count(),
               "runs": [teacher_stats(run.resolve(), THRESHOLDS) for run in args.run]}
     args.out.mkdir(parents=True, exist_ok=True)

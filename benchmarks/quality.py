@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from provenance import git_commit
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "runs"
@@ -89,15 +91,6 @@ def plan() -> list[Run]:
     for method in METHODS:
         runs.append(Run("dsb2018", "1-8", 0, method, method))
     return runs
-
-
-def git_commit() -> str:
-    if os.environ.get("CDCL_GIT_COMMIT"):  # a copy of the tree without .git (e.g. a borrowed GPU machine)
-        return os.environ["CDCL_GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def machine() -> dict:

@@ -38,6 +38,7 @@ from cdcl.config import METHODS, Config, load_config  # noqa: E402
 from cdcl.infer import pad_to, sliding_window_probability, window_layout  # noqa: E402
 from cdcl.io import write_json_atomic, write_text_atomic  # noqa: E402
 from cdcl.losses import patch_contrastive_loss  # noqa: E402
+from provenance import git_commit  # noqa: E402
 from cdcl.methods import build_method  # noqa: E402
 from cdcl.models import build_model  # noqa: E402
 from cdcl.postprocess import PostprocessParams, instances_from_probability  # noqa: E402
@@ -310,12 +311,6 @@ def bench_inference(checkpoint: str | None, image_name: str | None, repeats: int
 
 # ---------------------------------------------------------------- report
 
-
-def git_commit() -> str:
-    proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO, check=False)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], capture_output=True, text=True, cwd=REPO,
-                           check=False).stdout.strip()
-    return proc.stdout.strip() + (" (src/ has uncommitted changes)" if dirty else "")
 
 
 def machine() -> dict:

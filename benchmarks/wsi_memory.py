@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO / "tests"))  # make_slide: slide builder and stand-i
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from provenance import git_commit  # noqa: E402
 from cdcl.infer import autocast, pad_to, window_layout  # noqa: E402
 from cdcl.slide import Grid, choose_level, open_slide  # noqa: E402
 
@@ -55,13 +56,6 @@ def build_slide(folder: Path, side: int, compression: str, data: Path = SHARED_D
     path = folder / f"monuseg_{side}.tif"
     write_pyramid(path, monuseg_mosaic(data, side, side), mpp=0.25, compression=compression)
     return path
-
-
-def git_commit() -> str:
-    if os.environ.get("CDCL_GIT_COMMIT"):  # a copy of the tree without .git (e.g. a borrowed GPU machine)
-        return os.environ["CDCL_GIT_COMMIT"]
-    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
 def tree_rss_kb(pid: int) -> int:

@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 def load_quality(results_dir: Path):
     """benchmarks/quality.py as a module (registered first: its dataclasses look their module up), writing to
     ``results_dir``."""
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))  # as when run as a script: its helpers sit beside it
     spec = importlib.util.spec_from_file_location("quality", REPO / "benchmarks" / "quality.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["quality"] = module
