@@ -47,6 +47,9 @@ TUNING = {
     "cdcl-threshold0.7": ("cdcl", ["method.threshold=0.7"]),
     "cdcl-contr0.5": ("cdcl", ["method.w_contr=0.5"]),
     "cdcl-ema0.999": ("cdcl", ["method.ema_decay=0.999"]),
+    "cdcl-wcons3": ("cdcl", ["method.w_cons=3.0"]),
+    "cdcl-anchors-teacher": ("cdcl", ["method.anchor_source=teacher"]),
+    "cdcl-unlabeled16": ("cdcl", ["data.unlabeled_batch_size=16"]),
 }
 
 
@@ -86,11 +89,20 @@ def plan() -> list[Run]:
         runs.append(Run("monuseg", "full", seed, "supervised", "supervised"))
         for method in ("supervised", "cdcl", "mean_teacher", "fixmatch"):
             runs.append(Run("monuseg", "1-8", seed, method, method))
-    for name, overrides in ABLATIONS.items():
-        runs.append(Run("monuseg", "1-8", 0, name, "cdcl", overrides))
-    for method in METHODS:
-        runs.append(Run("dsb2018", "1-8", 0, method, method))
+    for seed in (0, 1, 2):
+        runs.extend(Run("monuseg", "1-8", seed, name, "cdcl", overrides) for name, overrides in ABLATIONS.items())
+    for seed in (0, 1, 2):
+        runs.extend(Run("dsb2018", "1-8", seed, method, method) for method in METHODS)
     return runs
+
+
+def select(runs: list[Run], prefixes: list[str]) -> list[Run]:
+    """The runs whose key starts with one of ``prefixes``, in the order of the prefixes (then plan order), so a
+    short GPU lease can put the runs that matter most first."""
+    if not prefixes:
+        return runs
+    rank = {r.key: min((i for i, p in enumerate(prefixes) if r.key.startswith(p)), default=None) for r in runs}
+    return sorted((r for r in runs if rank[r.key] is not None), key=lambda r: rank[r.key])
 
 
 def machine() -> dict:
@@ -230,7 +242,7 @@ def report(results: dict) -> None:
     text = ("Per-image mean over the test images; ± is the sample standard deviation over seeded splits "
             "(n = number of seeds). 'best val Dice' is the checkpoint kept (chosen on the validation images).\n\n"
             + "\n".join(lines) + "\n\nPaired on split and seed (mean ± sd of the per-seed differences):\n\n"
-            + "\n".join(paired_gaps(groups)) + "\n")
+            + "\n\n".join(f"{ds}:\n\n" + "\n".join(paired_gaps(groups, ds)) for ds in ("monuseg", "dsb2018")) + "\n")
     (RESULTS / "quality.md").write_text(text)
     plot(groups)
 
@@ -268,14 +280,15 @@ def plot(groups: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", action="append", default=[], help="run keys starting with this prefix (repeatable)")
+    parser.add_argument("--only", action="append", default=[],
+                        help="run keys starting with this prefix (repeatable; runs follow the order of the prefixes)")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--set", action="append", default=[], help="extra config override for every run")
     parser.add_argument("--data-root", default=DEFAULT_DATA, help="folder holding monuseg/ and dsb2018/")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    runs = [r for r in plan() if not args.only or any(r.key.startswith(p) for p in args.only)]
+    runs = select(plan(), args.only)
     results = load_results()
     if args.list:
         for r in runs:
@@ -288,6 +301,9 @@ def main() -> None:
             print(f"=== {run.key}", flush=True)
             try:
                 record = execute(run, args.set, args.data_root)
+            except subprocess.CalledProcessError as exc:  # one failed run must not end the sweep
+                print(f"!!! {run.key} failed: {exc}", flush=True)
+                continue
             finally:
                 (run.run_dir / "runner.pid").unlink(missing_ok=True)
             results = record_result(run.key, record)

@@ -73,3 +73,10 @@ def test_report_keeps_gpu_and_cpu_speeds_apart(quality, tmp_path):
     assert "| monuseg | 1/16 | cdcl | 0.770 ± 0.057 (n=2) |" in table
     assert "2-core CPU 2.00 (n=1); H200 0.05 (n=1)" in table
     assert (tmp_path / "quality.png").stat().st_size > 10_000
+
+
+def test_only_prefixes_set_the_order_of_runs(quality):
+    keys = [r.key for r in quality.select(quality.plan(), ["dsb2018/1-8/seed1", "monuseg/1-8/seed0/cdcl-no-"])]
+    assert keys[:4] == [f"dsb2018/1-8/seed1/{m}" for m in quality.METHODS]
+    assert keys[4:] == [f"monuseg/1-8/seed0/{name}" for name in quality.ABLATIONS]
+    assert quality.select(quality.plan(), []) == quality.plan()
