@@ -1,4 +1,7 @@
-"""Nucleus exports: measurements, polygons (valid, right area, level-0 coordinates), GeoJSON, CSV, label maps."""
+"""Nucleus exports: measurements, polygons (valid, right area, level-0 coordinates), GeoJSON, CSV, label maps.
+
+The whole-map perimeter and outline tracing are checked against scikit-image per region: ``regionprops`` and
+``find_contours`` on each nucleus' padded crop (the reference below), on random label maps and a real mask."""
 
 from __future__ import annotations
 
@@ -11,11 +14,18 @@ import pytest
 import shapely.geometry
 import tifffile
 from PIL import Image
+from scipy import ndimage
 from skimage.draw import disk, ellipse
+from skimage.filters import gaussian
+from skimage.measure import find_contours, regionprops, regionprops_table
+from skimage.segmentation import watershed
 
+from cdcl import export, outlines
+from cdcl.data import read_image, read_label_image
 from cdcl.errors import CdclError
 from cdcl.export import (
     NUCLEUS_COLUMNS,
+    label_perimeters,
     nuclei_polygons,
     nuclei_table,
     write_csv,
@@ -191,3 +201,183 @@ def test_table_matches_scikit_image_regionprops(shared_data) -> None:
         np.testing.assert_allclose([r[column] for r in rows], ref[key] + 0.5, atol=1e-3)
     for column, key in [("area", "area"), ("perimeter", "perimeter"), ("eccentricity", "eccentricity"), ("mean_r", "intensity_mean-0"), ("mean_b", "intensity_mean-2")]:
         np.testing.assert_allclose([r[column] for r in rows], ref[key], atol=1e-3)
+
+
+def reference_polygons(labels: np.ndarray, offset: tuple[float, float] = (0, 0), scale: float = 1.0) -> list:
+    """The per-nucleus definition of ``nuclei_polygons``: find_contours on each nucleus' zero-padded crop, the
+    longest contour, collinear vertices dropped, pixel centres at +0.5, rounded to 3 decimals."""
+    result = []
+    for index, box in enumerate(ndimage.find_objects(labels)):
+        if box is None:
+            continue
+        mask = np.zeros((box[0].stop - box[0].start + 2, box[1].stop - box[1].start + 2), np.float32)
+        mask[1:-1, 1:-1] = labels[box] == index + 1
+        ring = max(find_contours(mask, 0.5, fully_connected="high"), key=len)
+        after = np.diff(ring, axis=0)
+        before = np.concatenate([after[-1:], after[:-1]])
+        points = ring[:-1][before[:, 0] * after[:, 1] != before[:, 1] * after[:, 0]]
+        ring = np.concatenate([points, points[:1]])
+        rows = ring[:, 0] + box[0].start - 1 + 0.5
+        cols = ring[:, 1] + box[1].start - 1 + 0.5
+        coords = np.stack([cols * scale + offset[0], rows * scale + offset[1]], axis=1)
+        result.append((index + 1, np.round(coords, 3).tolist()))
+    return result
+
+
+def reference_table(labels: np.ndarray, image: np.ndarray, offset: tuple[float, float] = (0, 0), scale: float = 1.0) -> list:
+    """``nuclei_table`` as it was: moments summed per pixel, the perimeter from ``regionprops_table``."""
+    rr, cc = np.nonzero(labels)
+    counts = np.bincount(labels[rr, cc])
+    ids = np.flatnonzero(counts)
+    if not len(ids):
+        return []
+
+    def mean(values: np.ndarray) -> np.ndarray:
+        return np.bincount(labels[rr, cc], values.astype(np.float64), minlength=len(counts))[ids] / counts[ids]
+
+    rows, cols = mean(rr), mean(cc)
+    var_r, var_c, cov = mean(rr * rr) - rows**2, mean(cc * cc) - cols**2, mean(rr * cc) - rows * cols
+    spread = np.sqrt(((var_r - var_c) / 2) ** 2 + cov**2)
+    major, minor = (var_r + var_c) / 2 + spread, (var_r + var_c) / 2 - spread
+    eccentricity = np.sqrt(np.clip(1 - np.divide(minor, major, out=np.ones_like(major), where=major > 0), 0, 1))
+    rgb = [mean(image[rr, cc, k]) for k in range(3)]
+    columns = {
+        "centroid_x": (cols + 0.5) * scale + offset[0],
+        "centroid_y": (rows + 0.5) * scale + offset[1],
+        "area": counts[ids] * scale**2,
+        "perimeter": regionprops_table(labels, properties=("label", "perimeter"))["perimeter"] * scale,
+        "eccentricity": eccentricity,
+        "mean_intensity": 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2],
+        "mean_r": rgb[0],
+        "mean_g": rgb[1],
+        "mean_b": rgb[2],
+    }
+    values = [ids.tolist()] + [np.round(columns[k], 3).tolist() for k in NUCLEUS_COLUMNS[1:]]
+    return [dict(zip(NUCLEUS_COLUMNS, row)) for row in zip(*values)]
+
+
+def random_label_map(seed: int, shape: tuple[int, int] = (90, 110)) -> np.ndarray:
+    """Touching blobs (a watershed of random markers) cut by the image edges, with non-consecutive ids, holes,
+    one-pixel nuclei (some inside others), nuclei in two separate parts, a label surrounding another, a
+    checkerboard patch, and nuclei that touch only at a corner."""
+    rng = np.random.default_rng(seed)
+    noise = gaussian(rng.random(shape), 3)
+    foreground = noise > np.quantile(noise, 0.45)
+    markers = np.zeros(shape, np.int32)
+    points = rng.integers(0, shape, (40, 2))
+    markers[points[:, 0], points[:, 1]] = np.arange(1, 41)
+    blobs = watershed(-noise, markers, mask=foreground)
+    ids = rng.choice(np.arange(2, 60000), 41, replace=False)
+    ids[0] = 0
+    ids[2] = ids[1]  # two separate nuclei sharing one id
+    labels = ids[blobs]
+    holes = rng.integers(0, shape, (15, 2))
+    labels[holes[:, 0], holes[:, 1]] = 0
+    labels[holes[:5, 0], np.minimum(holes[:5, 1] + 1, shape[1] - 1)] = 0  # two-pixel holes
+    dots = rng.integers(0, shape, (12, 2))
+    labels[dots[:, 0], dots[:, 1]] = rng.choice(np.arange(60000, 70000), 12, replace=False)
+    labels[5:14, 5:14], labels[7:12, 7:12], labels[9, 9] = 65001, 0, 65002  # a ring around a one-pixel nucleus
+    r, c = rng.integers(20, np.array(shape) - 10)
+    checker = (np.indices((6, 6)).sum(axis=0) % 2).astype(bool)
+    labels[r : r + 6, c : c + 6] = np.where(checker, 65003, np.where(rng.random((6, 6)) < 0.5, 65004, 0))
+    labels[-2:, -2:] = [[65005, 0], [0, 65006]]  # touching at a corner only, in the image corner
+    return labels
+
+
+def scattered_label_map(seed: int) -> np.ndarray:
+    """Pixel noise of three ids and background: saddle cells everywhere, nuclei in many parts, several of them
+    with the longest outline."""
+    rng = np.random.default_rng(seed)
+    return np.array([0, 0, 3, 17, 400])[rng.integers(0, 5, (24, 31))]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_perimeters_equal_regionprops_for_every_label(seed) -> None:
+    for labels in (random_label_map(seed), scattered_label_map(seed), random_label_map(seed).astype(np.uint16)):
+        ids, perimeter = label_perimeters(labels)
+        regions = regionprops(labels)
+        assert len(regions) >= 3
+        np.testing.assert_array_equal(ids, [r.label for r in regions])
+        np.testing.assert_allclose(perimeter, [r.perimeter for r in regions], rtol=0, atol=1e-9)
+    ids, perimeter = label_perimeters(np.array([[5, 5, 0, 9, 9, 9], [5, 5, 0, 9, 9, 9], [0, 0, 0, 9, 9, 9], [2, 0, 0, 0, 0, 0]]))
+    assert ids.tolist() == [2, 5, 9] and perimeter.tolist() == [0.0, 4.0, 8.0]  # skimage's: a dot, 2x2 and 3x3 squares
+    assert [len(x) for x in label_perimeters(np.zeros((3, 4), np.int32))] == [0, 0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_polygons_equal_the_per_nucleus_find_contours_reference(seed) -> None:
+    for labels in (random_label_map(seed), scattered_label_map(seed)):
+        polygons = nuclei_polygons(labels, offset=(12.5, -3), scale=0.75)
+        assert len(polygons) >= 3
+        assert polygons == reference_polygons(labels, offset=(12.5, -3), scale=0.75)
+    labels = random_label_map(seed)
+    assert nuclei_polygons(labels) == reference_polygons(labels)
+
+
+def test_polygons_of_maps_too_large_for_packed_sort_keys(monkeypatch) -> None:
+    """Past 2**63 the packed (key, index) sort would overflow: argsort takes over, same outlines."""
+    monkeypatch.setattr(outlines, "_KEY_BITS", 20)
+    labels = random_label_map(7)
+    assert nuclei_polygons(labels) == reference_polygons(labels)
+
+
+def test_polygons_of_touching_nested_and_split_nuclei() -> None:
+    labels = np.zeros((12, 14), np.int32)
+    labels[1:10, 1:10] = 4  # a frame around nucleus 9
+    labels[3:8, 3:8] = 9
+    labels[0, 11:14], labels[11, 0] = 4, 7  # second parts, at the image edges
+    labels[11, 11], labels[10, 12] = 7, 7  # a diagonal pair: one ring, longer than 7's other part
+    labels[10, 10] = 2  # touches 4 and 7 at corners only
+    labels[11, 4], labels[8, 12] = 5, 5  # two equal parts: the first in raster order is kept
+    polygons = nuclei_polygons(labels)
+    assert polygons == reference_polygons(labels)
+    assert [i for i, _ in polygons] == [2, 4, 5, 7, 9]
+    assert dict(polygons)[5] == [[12.5, 9.0], [12.0, 8.5], [12.5, 8.0], [13.0, 8.5], [12.5, 9.0]]  # pixel (8, 12)
+    assert shapely.geometry.Polygon(dict(polygons)[4]).area == 81 - 4 * 0.125  # the frame's outside, corners cut
+    assert shapely.geometry.Polygon(dict(polygons)[7]).area == 1.5
+    assert nuclei_polygons(np.zeros((4, 4), np.int32)) == []
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_table_equals_the_per_pixel_regionprops_reference(seed) -> None:
+    rng = np.random.default_rng(seed)
+    for labels in (random_label_map(seed), scattered_label_map(seed)):
+        image = rng.integers(0, 256, (*labels.shape, 3), dtype=np.uint8)
+        rows = nuclei_table(labels, image, offset=(12.5, -3), scale=0.75)
+        assert len(rows) >= 3
+        assert rows == reference_table(labels, image, offset=(12.5, -3), scale=0.75)
+    labels = random_label_map(seed)
+    image = rng.integers(0, 256, (*labels.shape, 3), dtype=np.uint8)
+    rows = nuclei_table(labels, image, scale=2)
+    assert rows == reference_table(labels, image, scale=2)
+    assert all(type(row["area"]) is int for row in rows)  # as before: integer areas stay integers in the files
+
+
+def test_row_run_moments_equal_per_pixel_sums_exactly(shared_data) -> None:
+    """Sums over row runs are the exact integers per-pixel sums are, so the table's floats stay the same."""
+    real = read_label_image(shared_data / "monuseg" / "train" / "masks" / "TCGA-21-5784-01Z-00-DX1.png")
+    for labels in (random_label_map(0), scattered_label_map(1), real):
+        rr, cc = np.nonzero(labels)
+        counts = np.bincount(labels[rr, cc])
+        ids = np.flatnonzero(counts)  # labels[rr, cc] > 0
+
+        def mean(values: np.ndarray) -> np.ndarray:
+            return np.bincount(labels[rr, cc], values.astype(np.float64))[ids] / counts[ids]
+
+        rows, cols = mean(rr), mean(cc)
+        expected = (rows, cols, mean(rr * rr) - rows**2, mean(cc * cc) - cols**2, mean(rr * cc) - rows * cols)
+        for got, want in zip(export._moments(labels, ids, counts[ids]), expected):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_polygons_table_and_perimeters_match_the_references_on_a_real_mask(shared_data) -> None:
+    labels = read_label_image(shared_data / "monuseg" / "train" / "masks" / "TCGA-21-5784-01Z-00-DX1.png")
+    polygons = nuclei_polygons(labels, offset=(1000, 2000), scale=2)
+    assert len(polygons) > 300
+    assert polygons == reference_polygons(labels, offset=(1000, 2000), scale=2)
+    image = read_image(shared_data / "monuseg" / "train" / "images" / "TCGA-21-5784-01Z-00-DX1.tif")
+    assert nuclei_table(labels, image, offset=(1000, 2000), scale=2) == reference_table(labels, image, offset=(1000, 2000), scale=2)
+    ids, perimeter = label_perimeters(labels)
+    regions = regionprops(labels)
+    np.testing.assert_array_equal(ids, [r.label for r in regions])
+    np.testing.assert_allclose(perimeter, [r.perimeter for r in regions], rtol=0, atol=1e-9)

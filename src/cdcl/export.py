@@ -20,11 +20,10 @@ from typing import Any
 import numpy as np
 import tifffile
 from PIL import Image
-from scipy import ndimage
-from skimage.measure import find_contours, regionprops_table
 
 from cdcl.errors import CdclError
 from cdcl.io import atomic_path
+from cdcl.outlines import label_outlines
 
 NUCLEUS_COLUMNS = (
     "id", "centroid_x", "centroid_y", "area", "perimeter", "eccentricity", "mean_intensity", "mean_r", "mean_g", "mean_b",
@@ -34,6 +33,14 @@ _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 grey, as Pillow's "L" conversion
 _UUID_NAMESPACE = uuid.UUID("0b6f5b8e-3c3e-4f5a-9d0e-6c1d2c7a4e11")  # stable feature ids: same input, same file
 
 Ring = list[list[float]]
+
+# scikit-image's perimeter (neighborhood=4): weight of a border pixel by its code, 1 + 2 per 4-neighbour and 10 per
+# diagonal neighbour that is a border pixel of the same region.
+_PERIMETER_WEIGHTS = np.zeros(50)
+_PERIMETER_WEIGHTS[[5, 7, 15, 17, 25, 27]] = 1
+_PERIMETER_WEIGHTS[[21, 33]] = np.sqrt(2)
+_PERIMETER_WEIGHTS[[13, 23]] = (1 + np.sqrt(2)) / 2
+
 
 
 def _per_label(owner: np.ndarray) -> tuple[np.ndarray, np.ndarray, Callable[[np.ndarray], np.ndarray]]:
@@ -58,25 +65,74 @@ def label_centroids(labels: np.ndarray, origin: tuple[int, int] = (0, 0)) -> tup
     return ids, mean(cc + origin[0]) + 0.5, mean(rr + origin[1]) + 0.5
 
 
+def label_perimeters(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, perimeter)`` of the labels present (ascending): ``regionprops(labels)[i].perimeter`` (4-neighbourhood)
+    for all of them with shifted comparisons instead of a per-region crop, erosion and convolution.
+
+    A pixel is on its region's border unless its four neighbours all carry its label (outside the image and
+    other labels count as background); each border pixel weighs by which of its eight neighbours are border
+    pixels of the same region.
+    """
+    padded = np.pad(labels, 1)
+    core = padded[1:-1, 1:-1]
+    interior = (padded[:-2, 1:-1] == core) & (padded[2:, 1:-1] == core) & (padded[1:-1, :-2] == core) & (padded[1:-1, 2:] == core)
+    border = np.zeros(padded.shape, bool)
+    border[1:-1, 1:-1] = (core != 0) & ~interior
+    flat, border = padded.ravel(), border.ravel()
+    at = np.flatnonzero(border)
+    owner = flat[at]
+    code = np.ones(len(at), np.intp)
+    width = padded.shape[1]
+    for step, weight in ((1, 2), (width, 2), (width - 1, 10), (width + 1, 10)):
+        for neighbour in (at - step, at + step):
+            code += weight * ((flat[neighbour] == owner) & border[neighbour])
+    ids = np.flatnonzero(np.bincount(owner))
+    return ids, np.bincount(owner, _PERIMETER_WEIGHTS[code])[ids]
+
+
+def _moments(labels: np.ndarray, ids: np.ndarray, area: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``(row, col, var_row, var_col, cov)``: centroid and central second moments of the labels ``ids``
+    (``area`` pixels each), summed over runs of one label along the rows (closed-form sums of consecutive
+    integers) rather than over pixels: exact integers either way, so the very same floats, from ~20x fewer terms
+    on MoNuSeg masks."""
+    height, width = labels.shape
+    padded = np.zeros((height, width + 1), labels.dtype)
+    padded[:, :width] = labels  # a zero column ends each row's last run
+    flat = padded.ravel()
+    start = np.r_[0, np.flatnonzero(flat[1:] != flat[:-1]) + 1]
+    n = np.diff(start, append=flat.size)
+    owner = flat[start]
+    start, n, owner = start[owner != 0], n[owner != 0], owner[owner != 0]
+    r, c = np.divmod(start, width + 1)
+    sum_c = n * c + n * (n - 1) // 2
+
+    def mean(values: np.ndarray) -> np.ndarray:
+        return np.bincount(owner, values.astype(np.float64))[ids] / area
+
+    rows, cols = mean(r * n), mean(sum_c)
+    sum_cc = n * c * c + c * n * (n - 1) + (n - 1) * n * (2 * n - 1) // 6
+    return rows, cols, mean(r * r * n) - rows**2, mean(sum_cc) - cols**2, mean(r * sum_c) - rows * cols
+
+
 def nuclei_table(labels: np.ndarray, image: np.ndarray, offset: tuple[float, float] = (0, 0), scale: float = 1.0) -> list[dict[str, Any]]:
     """One row per nucleus (columns ``NUCLEUS_COLUMNS``): centroid in level-0 px, area (px²) and perimeter (px)
     in level-0 px, eccentricity, and the mean grey (``mean_intensity``) and RGB values of its pixels (0-255).
 
-    Definitions are scikit-image's (``regionprops``); all but the perimeter are computed here from pixel
-    moments with one ``bincount`` each, which is many times faster than per-region properties on tiles with
-    thousands of nuclei.
+    Definitions are scikit-image's (``regionprops``), computed here for the whole label map at once (moments and
+    means with one ``bincount`` each, the perimeter by :func:`label_perimeters`), which is many times faster than
+    per-region properties on tiles with thousands of nuclei.
     """
-    rr, cc = np.nonzero(labels)
-    ids, area, mean = _per_label(labels[rr, cc])
+    at = np.flatnonzero(labels)
+    ids, area, mean = _per_label(labels.ravel()[at])
     if not len(ids):
         return []
-    rows, cols = mean(rr), mean(cc)
-    var_r, var_c, cov = mean(rr * rr) - rows**2, mean(cc * cc) - cols**2, mean(rr * cc) - rows * cols
+    rows, cols, var_r, var_c, cov = _moments(labels, ids, area)
     spread = np.sqrt(((var_r - var_c) / 2) ** 2 + cov**2)  # inertia tensor eigenvalues: mid +- spread
     major, minor = (var_r + var_c) / 2 + spread, (var_r + var_c) / 2 - spread
     eccentricity = np.sqrt(np.clip(1 - np.divide(minor, major, out=np.ones_like(major), where=major > 0), 0, 1))
-    rgb = [mean(image[rr, cc, k]) for k in range(3)]
-    perimeter = regionprops_table(labels, properties=("label", "perimeter"))["perimeter"]
+    pixels = np.take(image.reshape(-1, image.shape[-1]), at, axis=0)
+    rgb = [mean(pixels[:, k]) for k in range(3)]
+    _, perimeter = label_perimeters(labels)
     columns = {
         "centroid_x": (cols + 0.5) * scale + offset[0],
         "centroid_y": (rows + 0.5) * scale + offset[1],
@@ -93,34 +149,22 @@ def nuclei_table(labels: np.ndarray, image: np.ndarray, offset: tuple[float, flo
 
 
 def nuclei_polygons(labels: np.ndarray, offset: tuple[float, float] = (0, 0), scale: float = 1.0) -> list[tuple[int, Ring]]:
-    """``(id, ring)`` per nucleus: its outer boundary as a closed ring of (x, y) level-0 coordinates.
+    """``(id, ring)`` per nucleus (ascending id): its outer boundary as a closed ring of (x, y) level-0 coordinates.
 
-    The ring is the 0.5 iso-line of the nucleus mask (marching squares on a zero-padded crop), with the
-    nucleus 8-connected so a diagonal pixel bridge stays one ring; collinear vertices are dropped. Holes are
-    ignored and, if a label has several separate parts, only the largest outline is kept.
+    The ring is the 0.5 iso-line of the nucleus mask as ``skimage.measure.find_contours`` traces it on the
+    zero-padded mask with ``fully_connected="high"`` (same start and direction), so a diagonal pixel bridge stays
+    one ring; vertices that continue a straight edge are dropped (marching squares emits one per pixel edge,
+    which would triple the file size for nothing). Holes are ignored and, if a label has several separate parts,
+    only the longest outline is kept. All nuclei are traced at once with array operations, several times faster
+    than find_contours, which assembles every boundary cell's segment as Python objects.
     """
-    result = []
-    for index, box in enumerate(ndimage.find_objects(labels)):
-        if box is None:
-            continue
-        nucleus_id = index + 1
-        mask = np.zeros((box[0].stop - box[0].start + 2, box[1].stop - box[1].start + 2), np.float32)
-        mask[1:-1, 1:-1] = labels[box] == nucleus_id
-        ring = _drop_collinear(max(find_contours(mask, 0.5, fully_connected="high"), key=len))
-        rows = ring[:, 0] + box[0].start - 1 + 0.5
-        cols = ring[:, 1] + box[1].start - 1 + 0.5
-        coords = np.stack([cols * scale + offset[0], rows * scale + offset[1]], axis=1)
-        result.append((nucleus_id, np.round(coords, 3).tolist()))
-    return result
+    ids, rings, sizes = label_outlines(labels)
+    rows, cols = rings[:, 0] - 0.5, rings[:, 1] - 0.5  # 1-padded frame -> pixel centres at +0.5
+    coords = np.round(np.stack([cols * scale + offset[0], rows * scale + offset[1]], axis=1), 3).tolist()
+    ends = np.cumsum(sizes).tolist()
+    return [(nucleus_id, coords[end - size : end]) for nucleus_id, end, size in zip(ids.tolist(), ends, sizes.tolist())]
 
 
-def _drop_collinear(ring: np.ndarray) -> np.ndarray:
-    """The closed ring without vertices that continue a straight edge (exact: the vertices are multiples of
-    0.5); marching squares emits one per pixel edge, which would triple the file size for nothing."""
-    after = np.diff(ring, axis=0)  # edge i leaves vertex i
-    before = np.concatenate([after[-1:], after[:-1]])
-    points = ring[:-1][before[:, 0] * after[:, 1] != before[:, 1] * after[:, 0]]
-    return np.concatenate([points, points[:1]])
 
 
 def nucleus_feature(ring: Ring, measurements: dict[str, Any], source: str, classification: str = "Nucleus") -> dict[str, Any]:

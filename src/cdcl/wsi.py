@@ -52,6 +52,7 @@ from cdcl.viz import save_png
 log = logging.getLogger(__name__)
 
 THUMB_SIDE = 2048  # thumbnail for the tissue mask and the overlay: fixed, whatever the slide size
+READ_WORKERS = 2  # tile-reading processes at most; ``--workers`` sets the post-processing processes
 
 
 class TileDataset(Dataset):
@@ -145,8 +146,12 @@ class _Inline:
 
 
 def _predict_tiles(predictor: Predictor, reader: SlideReader, grid: Grid, todo: list, journal: Journal, workers: int, bar: tqdm) -> None:
-    """Read (DataLoader workers) -> predict (here) -> post-process (pool) -> journal, in tile order."""
-    loader = DataLoader(TileDataset(reader, grid, todo), batch_size=None, num_workers=workers, collate_fn=_unchanged)
+    """Read (DataLoader workers) -> predict (here) -> post-process (pool) -> journal, in tile order.
+
+    ``workers`` processes post-process; reading a tile costs a small fraction of that, so at most
+    ``READ_WORKERS`` read (on a GPU, more readers would only take cores from post-processing)."""
+    loader = DataLoader(TileDataset(reader, grid, todo), batch_size=None, num_workers=min(workers, READ_WORKERS),
+                        collate_fn=_unchanged)
     pool = ProcessPoolExecutor(workers, mp_context=get_context("forkserver")) if workers else _Inline()
     pending: deque[tuple[int, Future]] = deque()
     with pool:
