@@ -8,7 +8,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from cdcl.metrics import aji
-from cdcl.postprocess import PostprocessParams, instances_from_probability, tune_params
+from cdcl.postprocess import PostprocessParams, fill_holes_of, instances_from_probability, tune_params
 
 
 def disc(shape: tuple[int, int], centre: tuple[int, int], radius: float) -> np.ndarray:
@@ -134,3 +134,14 @@ def test_bad_inputs():
         tune_params([prob], [np.zeros((8, 9), int)])
     with pytest.raises(ValueError):
         tune_params([prob], [np.zeros((8, 8), int)], {"min_distance": [0]})
+
+
+def test_fill_holes_equals_scipy_on_random_masks():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        mask = rng.random((rng.integers(1, 40), rng.integers(1, 40))) > rng.uniform(0.2, 0.8)
+        assert np.array_equal(fill_holes_of(mask), ndi.binary_fill_holes(mask))
+    ring = np.zeros((9, 9), bool)
+    ring[2:7, 2:7] = True
+    ring[4, 4] = False
+    assert fill_holes_of(ring)[4, 4] and fill_holes_of(ring).sum() == 25

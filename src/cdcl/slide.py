@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -273,3 +274,14 @@ def tile_nuclei(prob: np.ndarray, image: np.ndarray, params: Any, core: tuple[in
 def tile_nuclei_json(*args: Any) -> str:
     """:func:`tile_nuclei` as JSON text, serialised in the post-processing worker rather than the main process."""
     return json.dumps(tile_nuclei(*args), separators=(",", ":"))
+
+
+def yield_to_prediction() -> None:
+    """Lower this process's CPU priority: tile readers and post-processing workers give way to the forward pass,
+    whose threads would otherwise all wait on the one a worker displaced (measured: ``benchmarks/wsi_memory.py``)."""
+    os.nice(5)
+
+
+def ready() -> None:
+    """A no-op for the post-processing pool's first jobs: a worker imports this module (about a second) on its
+    first job, so ``cdcl.wsi`` sends these while the slide is being opened rather than with the first tile."""

@@ -30,7 +30,7 @@ import shutil
 import time
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,9 @@ from cdcl.errors import CdclError, from_workers
 from cdcl.export import NUCLEUS_COLOR, csv_stream, geojson_stream, nucleus_feature
 from cdcl.infer import sliding_window_probability
 from cdcl.io import ensure_writable_dir, remove_leftover_temporaries, write_json_atomic
-from cdcl.slide import Grid, SlideReader, choose_level, open_slide, tile_nuclei_json, tissue_mask, tissue_tiles
+from cdcl.slide import (
+    Grid, SlideReader, choose_level, open_slide, ready, tile_nuclei_json, tissue_mask, tissue_tiles, yield_to_prediction,
+)
 from cdcl.viz import save_png
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,10 @@ class TileDataset(Dataset):
 
 def _unchanged(sample: dict[str, Any]) -> dict[str, Any]:
     return sample
+
+
+def _yield_to_prediction(worker_id: int) -> None:
+    yield_to_prediction()
 
 
 class Journal:
@@ -130,43 +136,45 @@ class Journal:
                     yield {**row, "id": nucleus_id}, ring
 
 
-class _Inline:
+def _start_pool(workers: int) -> Executor:
+    """The post-processing pool, its workers started (and their imports under way) before the first tile."""
+    if not workers:
+        return _Inline()
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("forkserver"), initializer=yield_to_prediction)
+    for _ in range(workers):
+        pool.submit(ready)
+    return pool
+
+
+class _Inline(Executor):
     """Executor stand-in for ``workers=0``: runs each job when submitted."""
 
-    def submit(self, fn: Any, *args: Any) -> Future:
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:
         future: Future = Future()
-        future.set_result(fn(*args))
+        future.set_result(fn(*args, **kwargs))
         return future
 
-    def __enter__(self) -> _Inline:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _predict_tiles(predictor: Predictor, reader: SlideReader, grid: Grid, todo: list, journal: Journal, workers: int, bar: tqdm) -> None:
+def _predict_tiles(predictor: Predictor, reader: SlideReader, grid: Grid, todo: list, journal: Journal, pool: Executor, workers: int, bar: tqdm) -> None:
     """Read (DataLoader workers) -> predict (here) -> post-process (pool) -> journal, in tile order.
 
     ``workers`` processes post-process; reading a tile costs a small fraction of that, so at most
     ``READ_WORKERS`` read (on a GPU, more readers would only take cores from post-processing)."""
     loader = DataLoader(TileDataset(reader, grid, todo), batch_size=None, num_workers=min(workers, READ_WORKERS),
-                        collate_fn=_unchanged)
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("forkserver")) if workers else _Inline()
+                        collate_fn=_unchanged, worker_init_fn=_yield_to_prediction)
     pending: deque[tuple[int, Future]] = deque()
-    with pool:
-        for item in from_workers(loader):
-            prob = sliding_window_probability(predictor.model, item["image"], window=predictor.window, overlap=predictor.overlap,
-                                              batch_size=predictor.batch_size, device=predictor.device, amp=predictor.amp)
-            job = pool.submit(tile_nuclei_json, prob, item["image"], predictor.postprocess, item["core"], item["box"], grid.scale)
-            pending.append((item["index"], job))
-            while len(pending) > 2 * workers or (pending and pending[0][1].done()):
-                index, job = pending.popleft()
-                journal.append(index, job.result())
-                bar.update(1)
-        for index, job in pending:
+    for item in from_workers(loader):
+        prob = sliding_window_probability(predictor.model, item["image"], window=predictor.window, overlap=predictor.overlap,
+                                          batch_size=predictor.batch_size, device=predictor.device, amp=predictor.amp)
+        job = pool.submit(tile_nuclei_json, prob, item["image"], predictor.postprocess, item["core"], item["box"], grid.scale)
+        pending.append((item["index"], job))
+        while len(pending) > 2 * workers or (pending and pending[0][1].done()):
+            index, job = pending.popleft()
             journal.append(index, job.result())
             bar.update(1)
+    for index, job in pending:
+        journal.append(index, job.result())
+        bar.update(1)
 
 
 def write_outputs(journal: Journal, out_dir: Path, stem: str, thumbnail: np.ndarray, level0_width: int) -> int:
@@ -203,22 +211,23 @@ def predict_slide(
     ``<stem>_overlay.png`` and ``<stem>_summary.json`` into ``out_dir``; returns the summary."""
     start = time.perf_counter()
     out_dir = ensure_writable_dir(out_dir)
-    level, residual = choose_level(reader, predictor.mpp)
-    grid = Grid.for_slide(reader, level, residual, tile, halo)
-    thumbnail = reader.thumbnail(THUMB_SIDE)
-    tiles = tissue_tiles(grid, tissue_mask(thumbnail, reader.name), reader.dimensions[0])
-    key = {"cdcl": __version__, **(run_key or {}), "level": level, "residual": residual, "tile": tile, "halo": halo,
-           "tiles": [index for index, _ in tiles]}
-    journal = Journal(out_dir / f"{stem}.partial", key)
-    todo = [t for t in tiles if t[0] not in journal.finished]
-    working_mpp = None if reader.mpp is None else reader.mpp * grid.scale
-    log.info("%s: %dx%d px, level %d resized x%.3g (%s um/px), %d of %d tiles have tissue, %d already done",
-             reader.name, *reader.dimensions, level, 1 / residual, f"{working_mpp:.3g}" if working_mpp else "?",
-             len(tiles), len(grid.cores()), len(tiles) - len(todo))
-    predict_start = time.perf_counter()
-    with tqdm(total=len(tiles), initial=len(tiles) - len(todo), desc=stem, unit="tile", disable=None) as bar:
-        _predict_tiles(predictor, reader, grid, todo, journal, workers, bar)
-    predict_seconds = time.perf_counter() - predict_start
+    with _start_pool(workers) as pool:  # its workers start while the slide is opened and its tissue found
+        level, residual = choose_level(reader, predictor.mpp)
+        grid = Grid.for_slide(reader, level, residual, tile, halo)
+        thumbnail = reader.thumbnail(THUMB_SIDE)
+        tiles = tissue_tiles(grid, tissue_mask(thumbnail, reader.name), reader.dimensions[0])
+        key = {"cdcl": __version__, **(run_key or {}), "level": level, "residual": residual, "tile": tile, "halo": halo,
+               "tiles": [index for index, _ in tiles]}
+        journal = Journal(out_dir / f"{stem}.partial", key)
+        todo = [t for t in tiles if t[0] not in journal.finished]
+        working_mpp = None if reader.mpp is None else reader.mpp * grid.scale
+        log.info("%s: %dx%d px, level %d resized x%.3g (%s um/px), %d of %d tiles have tissue, %d already done",
+                 reader.name, *reader.dimensions, level, 1 / residual, f"{working_mpp:.3g}" if working_mpp else "?",
+                 len(tiles), len(grid.cores()), len(tiles) - len(todo))
+        predict_start = time.perf_counter()
+        with tqdm(total=len(tiles), initial=len(tiles) - len(todo), desc=stem, unit="tile", disable=None) as bar:
+            _predict_tiles(predictor, reader, grid, todo, journal, pool, workers, bar)
+        predict_seconds = time.perf_counter() - predict_start
     n_nuclei = write_outputs(journal, out_dir, stem, thumbnail, reader.dimensions[0])
     megapixels = sum((x1 - x0) * (y1 - y0) for _, (x0, y0, x1, y1) in todo) / 1e6
     summary = {
