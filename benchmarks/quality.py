@@ -205,12 +205,23 @@ def hardware(rec: dict) -> str:
 
 
 def speed(recs: list[dict]) -> str:
-    """Median seconds per iteration by hardware (GPU and CPU runs are never averaged together)."""
-    by: dict[str, list[float]] = {}
+    """Median seconds per iteration and per run (training, then test evaluation) by hardware; GPU and CPU runs
+    are never averaged together."""
+    by: dict[str, list[dict]] = {}
     for r in recs:
         if r.get("median_s_per_iter"):
-            by.setdefault(hardware(r), []).append(r["median_s_per_iter"])
-    return "; ".join(f"{hw} {sorted(v)[len(v) // 2]:.2f} (n={len(v)})" for hw, v in sorted(by.items())) or "-"
+            by.setdefault(hardware(r), []).append(r)
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    cells = []
+    for hw, runs in sorted(by.items()):
+        cell = f"{hw} {median([r['median_s_per_iter'] for r in runs]):.2f}"
+        if all("train_seconds" in r for r in runs):
+            cell += f", {median([r['train_seconds'] for r in runs]):.0f} + {median([r['eval_seconds'] for r in runs]):.0f} s"
+        cells.append(cell + f" (n={len(runs)})")
+    return "; ".join(cells) or "-"
 
 
 def paired_gaps(groups: dict, dataset: str = "monuseg") -> list[str]:
@@ -233,7 +244,7 @@ def report(results: dict) -> None:
     for rec in results["runs"].values():
         groups.setdefault((rec["dataset"], rec["budget"], rec["name"]), []).append(rec)
     order = {b: i for i, b in enumerate(FRACTIONS)}
-    lines = ["| dataset | labeled | method | " + " | ".join(METRICS) + " | best val Dice | s/iter by hardware |",
+    lines = ["| dataset | labeled | method | " + " | ".join(METRICS) + " | best val Dice | s/iter, s per run (train + test) by hardware |",
              "|---|---|---|" + "---|" * (len(METRICS) + 2)]
     for (ds, budget, name), recs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 9), kv[0][2])):
         cells = [mean_sd([r["mean"][k] for r in recs]) for k in METRICS]

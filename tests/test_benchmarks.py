@@ -72,6 +72,9 @@ def test_report_keeps_gpu_and_cpu_speeds_apart(quality, tmp_path):
     table = (tmp_path / "quality.md").read_text()
     assert "| monuseg | 1/16 | cdcl | 0.770 ± 0.057 (n=2) |" in table
     assert "2-core CPU 2.00 (n=1); H200 0.05 (n=1)" in table
+    timed = [dict(r, train_seconds=t, eval_seconds=20.0) for r, t in ((record("cdcl", s, 0.7, 0.5, cuda="H200"), t)
+                                                                      for s, t in enumerate((80.0, 95.0, 120.0)))]
+    assert quality.speed(timed) == "H200 0.05, 95 + 20 s (n=3)"
     assert (tmp_path / "quality.png").stat().st_size > 10_000
 
 
