@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -278,3 +279,9 @@ def test_a_real_checkpoint_predicts_images_and_slides(tmp_path, mosaic) -> None:
     assert summary["level"] == 1 and summary["working_mpp"] == 0.5  # the checkpoint's resolution picks level 1
     assert summary["tiles"]["tissue"] == 2
     check_geojson(out / "slide.geojson")
+
+
+def test_post_processing_workers_yield_cpu_to_the_forward_pass():
+    """The pool starts at lower priority (nice +5), so on a small CPU the forward pass keeps its cores."""
+    with cdcl.wsi._start_pool(1) as pool:
+        assert pool.submit(os.nice, 0).result() == os.nice(0) + 5

@@ -279,7 +279,8 @@ def tile_nuclei_json(*args: Any) -> str:
 def yield_to_prediction() -> None:
     """Lower this process's CPU priority: tile readers and post-processing workers give way to the forward pass,
     whose threads would otherwise all wait on the one a worker displaced (measured: ``benchmarks/wsi_memory.py``)."""
-    os.nice(5)
+    if hasattr(os, "nice"):  # POSIX only
+        os.nice(5)
 
 
 def ready() -> None:
