@@ -81,7 +81,9 @@ def run_predict_wsi(slide: Path, out: Path, args: argparse.Namespace, checkpoint
     cli = [sys.executable, str(Path(__file__).resolve()), "--child-stand-in"] if args.stand_in else [sys.executable, "-m", "cdcl.cli"]
     timer = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
     command = [*timer, *cli, "predict-wsi", "--checkpoint", checkpoint, str(slide), "--out", str(out),
-               "--tile", str(args.tile), "--halo", str(args.halo), "--workers", str(args.workers), "--device", args.device]
+               "--tile", str(args.tile), "--halo", str(args.halo), "--device", args.device]
+    if args.workers is not None:
+        command += ["--workers", str(args.workers)]
     if args.batch_size:
         command += ["--batch-size", str(args.batch_size)]
     start = time.perf_counter()
@@ -103,6 +105,7 @@ def run_predict_wsi(slide: Path, out: Path, args: argparse.Namespace, checkpoint
     found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
     summary = json.loads((out / f"{slide.stem}_summary.json").read_text())
     return {"slide_px": summary["level0_size"], "tiles": summary["tiles"]["tissue"], "nuclei": summary["nuclei"],
+            "workers": summary["workers"],
             "peak_rss_mb": round(int(found.group(1)) / 1024, 1) if found else None, "peak_tree_rss_mb": round(peak_tree[0] / 1024, 1),
             "megapixels": summary["megapixels_predicted"], "seconds_predict": summary["seconds_predict"],
             "seconds_command": round(wall, 2), "megapixels_per_s": summary["megapixels_per_s"],
@@ -202,7 +205,7 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs=2, default=[4096, 16384], metavar=("SMALL", "LARGE"))
     parser.add_argument("--tile", type=int, default=1024)
     parser.add_argument("--halo", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)))
+    parser.add_argument("--workers", type=int, default=None, help="predict-wsi --workers (default: its own)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -229,7 +232,7 @@ def main() -> int:
         "commit": git_commit(), "platform": platform.platform(), "load_average_at_end": list(os.getloadavg()),
         "model": "stand-in (pointwise, tests/make_slide.py)" if args.stand_in else args.checkpoint,
         "device": device, "cpus": os.cpu_count(), "torch": torch.__version__, "tile": args.tile, "halo": args.halo,
-        "workers": args.workers, "window": predictor.window, "batch_size": predictor.batch_size, "amp": predictor.amp,
+        "workers": runs[0]["workers"], "window": predictor.window, "batch_size": predictor.batch_size, "amp": predictor.amp,
         "runs": runs, "bare_forward": bare,
         "rss_ratio": round(runs[1]["peak_rss_mb"] / runs[0]["peak_rss_mb"], 3) if runs[0]["peak_rss_mb"] else None,
         "tree_rss_ratio": round(runs[1]["peak_tree_rss_mb"] / runs[0]["peak_tree_rss_mb"], 3),

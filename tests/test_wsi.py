@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 import shapely.geometry
+import torch
 from PIL import Image
 from make_slide import monuseg_mosaic, stand_in_predictor, write_pyramid
 from skimage.draw import disk
@@ -285,3 +286,13 @@ def test_post_processing_workers_yield_cpu_to_the_forward_pass():
     """The pool starts at lower priority (nice +5), so on a small CPU the forward pass keeps its cores."""
     with cdcl.wsi._start_pool(1) as pool:
         assert pool.submit(os.nice, 0).result() == os.nice(0) + 5
+
+
+def test_default_workers_inline_on_a_cpu_most_cores_with_a_gpu(tmp_path, disc_slide, monkeypatch):
+    image, _ = disc_slide
+    summary = predict_slide(stand_in_predictor(), ArrayReader(image, mpp=0.25), tmp_path, stem="d", tile=128, halo=32)
+    assert summary["workers"] == 0  # a CPU predictor: post-processing between tiles, in this process
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert cdcl.wsi.default_workers(torch.device("cuda")) == 14
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert cdcl.wsi.default_workers(torch.device("cuda")) == 1

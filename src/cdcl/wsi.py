@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -136,6 +137,13 @@ class Journal:
                     yield {**row, "id": nucleus_id}, ring
 
 
+def default_workers(device: torch.device) -> int:
+    """Post-processing processes when none are asked for. None on a CPU: the forward pass already keeps every
+    core busy, and post-processing between tiles measured ~7% faster there than in a worker (2 cores,
+    ``benchmarks/wsi_memory.py``). On an accelerator, every CPU core but two (main process, tile readers)."""
+    return 0 if device.type == "cpu" else max(1, (os.cpu_count() or 2) - 2)
+
+
 def _start_pool(workers: int) -> Executor:
     """The post-processing pool, its workers started (and their imports under way) before the first tile."""
     if not workers:
@@ -204,12 +212,14 @@ def predict_slide(
     stem: str,
     tile: int = 1024,
     halo: int = 64,
-    workers: int = 2,
+    workers: int | None = None,
     run_key: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Predict every tissue tile of ``reader`` and write ``<stem>.geojson``, ``<stem>_nuclei.csv``,
-    ``<stem>_overlay.png`` and ``<stem>_summary.json`` into ``out_dir``; returns the summary."""
+    ``<stem>_overlay.png`` and ``<stem>_summary.json`` into ``out_dir``; returns the summary. ``workers``:
+    post-processing processes (None: :func:`default_workers`)."""
     start = time.perf_counter()
+    workers = default_workers(predictor.device) if workers is None else workers
     out_dir = ensure_writable_dir(out_dir)
     with _start_pool(workers) as pool:  # its workers start while the slide is opened and its tissue found
         level, residual = choose_level(reader, predictor.mpp)
@@ -232,7 +242,7 @@ def predict_slide(
     megapixels = sum((x1 - x0) * (y1 - y0) for _, (x0, y0, x1, y1) in todo) / 1e6
     summary = {
         "slide": reader.name, "level0_size": list(reader.dimensions), "slide_mpp": reader.mpp, "level": level,
-        "working_mpp": working_mpp, "level0_px_per_working_px": grid.scale, "tile": tile, "halo": halo,
+        "working_mpp": working_mpp, "level0_px_per_working_px": grid.scale, "tile": tile, "halo": halo, "workers": workers,
         "tiles": {"grid": len(grid.cores()), "tissue": len(tiles), "predicted_now": len(todo), "resumed": len(tiles) - len(todo)},
         "nuclei": n_nuclei, "seconds_predict": round(predict_seconds, 3),
         "seconds": round(time.perf_counter() - start, 3), "megapixels_predicted": round(megapixels, 3),
@@ -253,7 +263,7 @@ def _file_key(path: str | Path) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     if args.tile < 64:
         raise CdclError(f"--tile must be at least 64 px, got {args.tile}")
-    if args.halo < 0 or args.workers < 0 or (args.batch_size is not None and args.batch_size < 1):
+    if args.halo < 0 or (args.workers is not None and args.workers < 0) or (args.batch_size is not None and args.batch_size < 1):
         raise CdclError("--halo and --workers must be >= 0 and --batch-size >= 1")
     out_dir = ensure_writable_dir(args.out)
     reader = open_slide(args.slide, args.mpp)
