@@ -139,8 +139,9 @@ class Journal:
 
 def default_workers(device: torch.device) -> int:
     """Post-processing processes when none are asked for. None on a CPU: the forward pass already keeps every
-    core busy, and post-processing between tiles measured ~7% faster there than in a worker (2 cores,
-    ``benchmarks/wsi_memory.py``). On an accelerator, every CPU core but two (main process, tile readers)."""
+    core busy, so post-processing between tiles is as fast as in a worker (within the noise of
+    ``benchmarks/wsi_memory.py`` on 2 cores) and needs ~800 MB less memory. With an accelerator, every CPU core
+    but two (main process, tile readers)."""
     return 0 if device.type == "cpu" else max(1, (os.cpu_count() or 2) - 2)
 
 
