@@ -42,7 +42,6 @@ _PERIMETER_WEIGHTS[[21, 33]] = np.sqrt(2)
 _PERIMETER_WEIGHTS[[13, 23]] = (1 + np.sqrt(2)) / 2
 
 
-
 def _per_label(owner: np.ndarray) -> tuple[np.ndarray, np.ndarray, Callable[[np.ndarray], np.ndarray]]:
     """``(ids, areas, mean)`` of the labels of foreground pixels; ``mean(values)`` averages a per-pixel value
     over each label with one ``bincount``."""

@@ -276,9 +276,10 @@ def tile_nuclei_json(*args: Any) -> str:
     return json.dumps(tile_nuclei(*args), separators=(",", ":"))
 
 
-def yield_to_prediction() -> None:
+def yield_to_prediction(worker_id: int | None = None) -> None:
     """Lower this process's CPU priority: tile readers and post-processing workers give way to the forward pass,
-    whose threads would otherwise all wait on the one a worker displaced (measured: ``benchmarks/wsi_memory.py``)."""
+    whose threads would otherwise all wait on the one a worker displaced (measured: ``benchmarks/wsi_memory.py``).
+    Serves as a pool initializer and as a DataLoader ``worker_init_fn`` (which passes ``worker_id``)."""
     if hasattr(os, "nice"):  # POSIX only
         os.nice(5)
 

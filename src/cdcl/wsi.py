@@ -81,10 +81,6 @@ def _unchanged(sample: dict[str, Any]) -> dict[str, Any]:
     return sample
 
 
-def _yield_to_prediction(worker_id: int) -> None:
-    yield_to_prediction()
-
-
 class Journal:
     """Finished tiles as JSON lines, next to the settings that produced them (resume or restart cleanly)."""
 
@@ -170,7 +166,7 @@ def _predict_tiles(predictor: Predictor, reader: SlideReader, grid: Grid, todo: 
     ``workers`` processes post-process; reading a tile costs a small fraction of that, so at most
     ``READ_WORKERS`` read (on a GPU, more readers would only take cores from post-processing)."""
     loader = DataLoader(TileDataset(reader, grid, todo), batch_size=None, num_workers=min(workers, READ_WORKERS),
-                        collate_fn=_unchanged, worker_init_fn=_yield_to_prediction)
+                        collate_fn=_unchanged, worker_init_fn=yield_to_prediction)
     pending: deque[tuple[int, Future]] = deque()
     for item in from_workers(loader):
         prob = sliding_window_probability(predictor.model, item["image"], window=predictor.window, overlap=predictor.overlap,
