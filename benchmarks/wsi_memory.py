@@ -50,11 +50,16 @@ STAND_IN_WINDOW = 256
 
 
 def build_slide(folder: Path, side: int, compression: str, data: Path = SHARED_DATA) -> Path:
-    """An all-tissue side x side pyramidal TIFF of MoNuSeg tiles (JPEG tiles by default, like scanner output)."""
+    """An all-tissue side x side pyramidal TIFF of MoNuSeg tiles (JPEG tiles by default, like scanner output);
+    one already in ``folder`` (``--keep``) is reused."""
     from make_slide import monuseg_mosaic, write_pyramid
 
     path = folder / f"monuseg_{side}.tif"
-    write_pyramid(path, monuseg_mosaic(data, side, side), mpp=0.25, compression=compression)
+    if path.is_file():
+        return path
+    partial = path.with_name(f"{path.stem}.partial.tif")  # renamed when complete: never reuse a killed build
+    write_pyramid(partial, monuseg_mosaic(data, side, side), mpp=0.25, compression=compression)
+    partial.rename(path)
     return path
 
 
@@ -86,6 +91,7 @@ def run_predict_wsi(slide: Path, out: Path, args: argparse.Namespace, checkpoint
         command += ["--workers", str(args.workers)]
     if args.batch_size:
         command += ["--batch-size", str(args.batch_size)]
+    shutil.rmtree(out, ignore_errors=True)  # a run killed in an earlier --keep folder would otherwise be resumed
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     peak_tree = [0]
@@ -211,7 +217,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--data", type=Path, default=SHARED_DATA, help="folder holding monuseg/ (the slides' tiles)")
     parser.add_argument("--compression", default="jpeg", help="slide tile compression (zlib where imagecodecs is missing)")
-    parser.add_argument("--keep", type=Path, default=None, help="build slides and outputs here and keep them")
+    parser.add_argument("--keep", type=Path, default=None, help="build slides and outputs here and keep them (slides found there are reused)")
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="cdcl-wsi-bench-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mpp", type=float, default=None, help="microns per pixel of level 0, for slides that lack it (overrides the slide's value)")
     p.add_argument("--tile", type=int, default=1024, metavar="PX", help="tile side, in pixels at the model's resolution")
     p.add_argument("--halo", type=int, default=64, metavar="PX", help="context read around each tile (model pixels); must exceed the largest nucleus")
-    p.add_argument("--workers", type=int, default=None, help="processes post-processing tiles (nuclei, polygons, measurements), plus up to 2 "
-                   "reading them; 0: all in one process (default: 0 on a CPU, all CPU cores but two with a GPU)")
+    p.add_argument("--workers", type=int, default=None, help="processes post-processing tiles (nuclei, polygons, measurements), plus one "
+                   "reading tiles per 4 of them; 0: all in one process (default: 0 on a CPU, 4/5 of the CPU cores with a GPU)")
     _add_device(p)
     p.set_defaults(handler="cdcl.wsi:run")
     return parser

@@ -1,7 +1,8 @@
-"""Sliding-window inference on arrays of any size: Gaussian-blended windows, stitched on the CPU.
+"""Sliding-window inference on arrays of any size: Gaussian-blended windows, stitched on the device or the CPU.
 
 Windows overlap and are blended with a Gaussian weight so that every pixel's probability comes mostly from
-windows where it sits near the centre (where the network sees the most context). Stitching happens in CPU
+windows where it sits near the centre (where the network sees the most context). Images up to 4096 x 4096 px
+(a whole-slide tile, a dataset image) are blended on the accelerator and copied back once; larger ones in CPU
 memory (MONAI's ``sw_device`` idea), so the accelerator only ever holds one batch of windows whatever the
 image size. Inference never imports training code: the model comes from ``cdcl.checkpoint``.
 """
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from cdcl.checkpoint import Predictor
 
 MULTIPLE = 32  # the encoder's total stride: network inputs must be multiples of it
+STITCH_ON_DEVICE_PIXELS = 4096 * 4096  # larger (padded) images are blended in CPU memory: ~130 MB of device memory
 
 
 def gaussian_weight(window: int | tuple[int, int], sigma_scale: float = 0.125) -> np.ndarray:
@@ -57,6 +59,8 @@ def window_layout(height: int, width: int, window: int, overlap: float) -> tuple
 def pad_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Reflect-pad an image at the bottom/right to at least ``height x width`` (reflection keeps the border
     statistics closer to tissue than zeros would)."""
+    if image.shape[0] >= height and image.shape[1] >= width:
+        return image
     return np.pad(image, ((0, max(0, height - image.shape[0])), (0, max(0, width - image.shape[1])), (0, 0)), mode="reflect")
 
 
@@ -76,6 +80,70 @@ def _batches(items: list, size: int) -> Iterator[list]:
         yield items[i : i + size]
 
 
+class PendingProbability:
+    """A probability map under way on the accelerator: :meth:`result` waits for it. Until then the caller's
+    thread is free (to receive the next tile, hand the last one to post-processing) while the device works."""
+
+    def __init__(self, host: torch.Tensor, done: torch.cuda.Event | None = None) -> None:
+        self._host, self._done = host, done
+
+    def result(self) -> np.ndarray:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.numpy()
+
+
+def start_probability(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    *,
+    window: int,
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    device: torch.device | str | None = None,
+    amp: bool = False,
+) -> PendingProbability:
+    """Queue :func:`sliding_window_probability` of ``image`` on the device and return without waiting for it.
+
+    Windows are cut from the image on the device and blended there when the padded image has at most
+    ``STITCH_ON_DEVICE_PIXELS`` pixels, so a CUDA run synchronises once per image rather than once per batch;
+    larger images are stitched in CPU memory, batch by batch, so the device holds one batch whatever the size.
+    Either way the arithmetic is the same float32 operations in the same order, so the result is too.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an HxWx3 uint8 image, got {image.dtype} {image.shape}")
+    if window <= 0 or window % MULTIPLE:
+        raise ValueError(f"window must be a positive multiple of {MULTIPLE}, got {window}")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    height, width = image.shape[:2]
+    win_h, win_w, corners = window_layout(height, width, window, overlap)
+    padded = pad_to(image, win_h, win_w)
+    device = torch.device(device) if device is not None else _model_device(model)
+    stitch = device if padded.shape[0] * padded.shape[1] <= STITCH_ON_DEVICE_PIXELS else torch.device("cpu")
+    pixels = torch.from_numpy(padded if padded.flags.writeable else padded.copy()).to(stitch)  # torch wants writable
+    weight = torch.from_numpy(gaussian_weight((win_h, win_w))).to(device)
+    weight_stitch = weight.to(stitch)
+    acc = torch.zeros(padded.shape[:2], dtype=torch.float32, device=stitch)
+    norm = torch.zeros_like(acc)
+    with torch.inference_mode(), autocast(device, amp):
+        for batch in _batches(corners, max(1, batch_size)):
+            crops = torch.stack([pixels[y : y + win_h, x : x + win_w] for y, x in batch]).to(device, non_blocking=True)
+            logits = model(crops.permute(0, 3, 1, 2).float().div_(255.0))["logits"].float()
+            weighted = (torch.softmax(logits, dim=1)[:, 1] * weight).to(stitch)
+            for (y, x), prob in zip(batch, weighted):
+                acc[y : y + win_h, x : x + win_w] += prob
+                norm[y : y + win_h, x : x + win_w] += weight_stitch
+        prob = (acc / norm)[:height, :width]
+    if stitch.type != "cuda":
+        return PendingProbability(prob)
+    host = torch.empty(prob.shape, dtype=prob.dtype, pin_memory=True)
+    host.copy_(prob, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return PendingProbability(host, done)
+
+
 def sliding_window_probability(
     model: torch.nn.Module,
     image: np.ndarray,
@@ -92,30 +160,8 @@ def sliding_window_probability(
     multiple of 32, and the image is reflect-padded to fill it. ``device`` defaults to the model's; ``amp``
     enables autocast on CUDA only.
     """
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an HxWx3 uint8 image, got {image.dtype} {image.shape}")
-    if window <= 0 or window % MULTIPLE:
-        raise ValueError(f"window must be a positive multiple of {MULTIPLE}, got {window}")
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    height, width = image.shape[:2]
-    win_h, win_w, corners = window_layout(height, width, window, overlap)
-    padded = pad_to(image, win_h, win_w)
-    device = torch.device(device) if device is not None else _model_device(model)
-    weight = gaussian_weight((win_h, win_w))
-    weight_dev = torch.from_numpy(weight).to(device)
-    acc = np.zeros(padded.shape[:2], np.float32)
-    norm = np.zeros(padded.shape[:2], np.float32)
-    with torch.inference_mode(), autocast(device, amp):
-        for batch in _batches(corners, max(1, batch_size)):
-            crops = np.stack([padded[y : y + win_h, x : x + win_w] for y, x in batch])
-            x_in = torch.from_numpy(crops).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-            logits = model(x_in)["logits"].float()
-            weighted = (torch.softmax(logits, dim=1)[:, 1] * weight_dev).cpu().numpy()
-            for (y, x), prob in zip(batch, weighted):
-                acc[y : y + win_h, x : x + win_w] += prob
-                norm[y : y + win_h, x : x + win_w] += weight
-    return (acc / norm)[:height, :width]
+    return start_probability(model, image, window=window, overlap=overlap, batch_size=batch_size, device=device,
+                             amp=amp).result()
 
 
 def predict_instances(predictor: Predictor, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

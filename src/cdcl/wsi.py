@@ -45,7 +45,7 @@ from cdcl import __version__
 from cdcl.checkpoint import Predictor, load_predictor
 from cdcl.errors import CdclError, from_workers
 from cdcl.export import NUCLEUS_COLOR, csv_stream, geojson_stream, nucleus_feature
-from cdcl.infer import sliding_window_probability
+from cdcl.infer import PendingProbability, start_probability
 from cdcl.io import ensure_writable_dir, remove_leftover_temporaries, write_json_atomic
 from cdcl.slide import (
     Grid, SlideReader, choose_level, open_slide, ready, tile_nuclei_json, tissue_mask, tissue_tiles, yield_to_prediction,
@@ -55,7 +55,6 @@ from cdcl.viz import save_png
 log = logging.getLogger(__name__)
 
 THUMB_SIDE = 2048  # thumbnail for the tissue mask and the overlay: fixed, whatever the slide size
-READ_WORKERS = 2  # tile-reading processes at most; ``--workers`` sets the post-processing processes
 
 
 class TileDataset(Dataset):
@@ -136,9 +135,9 @@ class Journal:
 def default_workers(device: torch.device) -> int:
     """Post-processing processes when none are asked for. None on a CPU: the forward pass already keeps every
     core busy, so post-processing between tiles is as fast as in a worker (within the noise of
-    ``benchmarks/wsi_memory.py`` on 2 cores) and needs ~800 MB less memory. With an accelerator, every CPU core
-    but two (main process, tile readers)."""
-    return 0 if device.type == "cpu" else max(1, (os.cpu_count() or 2) - 2)
+    ``benchmarks/wsi_memory.py`` on 2 cores) and needs ~800 MB less memory. With an accelerator, the CPU cores
+    but the main process's, shared four to one with the tile readers (:func:`reader_count`)."""
+    return 0 if device.type == "cpu" else max(1, ((os.cpu_count() or 2) - 1) * 4 // 5)
 
 
 def _start_pool(workers: int) -> Executor:
@@ -160,23 +159,39 @@ class _Inline(Executor):
         return future
 
 
+def reader_count(workers: int) -> int:
+    """Tile-reading processes for ``workers`` post-processing ones: reading a tile costs about a quarter of
+    post-processing it (0.10 vs 0.34 core-s per 1152 px tile, ``benchmarks/wsi_memory.py``), so one reader per
+    four workers keeps both ahead of a fast accelerator; none (the main process reads) without workers."""
+    return -(-workers // 4)
+
+
 def _predict_tiles(predictor: Predictor, reader: SlideReader, grid: Grid, todo: list, journal: Journal, pool: Executor, workers: int, bar: tqdm) -> None:
     """Read (DataLoader workers) -> predict (here) -> post-process (pool) -> journal, in tile order.
 
-    ``workers`` processes post-process; reading a tile costs a small fraction of that, so at most
-    ``READ_WORKERS`` read (on a GPU, more readers would only take cores from post-processing)."""
-    loader = DataLoader(TileDataset(reader, grid, todo), batch_size=None, num_workers=min(workers, READ_WORKERS),
+    Each tile's prediction is queued on the device before the previous tile is handed to post-processing, so
+    on an accelerator the main process receives and hands over tiles while the device computes."""
+    loader = DataLoader(TileDataset(reader, grid, todo), batch_size=None, num_workers=reader_count(workers),
                         collate_fn=_unchanged, worker_init_fn=yield_to_prediction)
     pending: deque[tuple[int, Future]] = deque()
-    for item in from_workers(loader):
-        prob = sliding_window_probability(predictor.model, item["image"], window=predictor.window, overlap=predictor.overlap,
-                                          batch_size=predictor.batch_size, device=predictor.device, amp=predictor.amp)
-        job = pool.submit(tile_nuclei_json, prob, item["image"], predictor.postprocess, item["core"], item["box"], grid.scale)
+
+    def post_process(item: dict[str, Any], prob: PendingProbability) -> None:
+        job = pool.submit(tile_nuclei_json, prob.result(), item["image"], predictor.postprocess, item["core"], item["box"], grid.scale)
         pending.append((item["index"], job))
         while len(pending) > 2 * workers or (pending and pending[0][1].done()):
-            index, job = pending.popleft()
-            journal.append(index, job.result())
+            index, done = pending.popleft()
+            journal.append(index, done.result())
             bar.update(1)
+
+    previous = None
+    for item in from_workers(loader):
+        prob = start_probability(predictor.model, item["image"], window=predictor.window, overlap=predictor.overlap,
+                                 batch_size=predictor.batch_size, device=predictor.device, amp=predictor.amp)
+        if previous is not None:
+            post_process(*previous)
+        previous = (item, prob)
+    if previous is not None:
+        post_process(*previous)
     for index, job in pending:
         journal.append(index, job.result())
         bar.update(1)
