@@ -9,11 +9,28 @@ import numpy as np
 import tifffile
 import torch
 from PIL import Image
+from skimage.draw import disk
 
 from cdcl.checkpoint import Predictor
 from cdcl.postprocess import PostprocessParams
 
 MONUSEG_IMAGES = Path("monuseg") / "train" / "images"
+# Disc centres (row, col) placed on and across the seams of a 128 px grid: on a vertical seam, on a horizontal
+# seam, on a four-tile corner, exactly centred on a seam (centroid x = 256.0: the half-open core rule gives it
+# to the right-hand tile), near the slide edge, and well inside a tile.
+DISCS = [(64, 128), (128, 300), (256, 256), (200, 255.5), (383.5, 100), (20, 430), (440, 440), (330, 180), (60, 20)]
+RADIUS = 12
+
+
+def disc_image() -> tuple[np.ndarray, list[tuple[float, float, int]]]:
+    """A 460x470 synthetic slide of purple discs on white; expected (x, y, area) per disc (level-0 px)."""
+    image = np.full((460, 470, 3), 245, np.uint8)
+    expected = []
+    for centre in DISCS:
+        rr, cc = disk(centre, RADIUS, shape=image.shape[:2])
+        image[rr, cc] = (90, 30, 120)
+        expected.append((cc.mean() + 0.5, rr.mean() + 0.5, len(rr)))
+    return image, sorted(expected)
 
 
 def monuseg_mosaic(shared_data: Path, width: int, height: int, margin: int = 0) -> np.ndarray:

@@ -85,16 +85,12 @@ def test_blending_on_the_gpu_equals_blending_in_cpu_memory(trained, monkeypatch)
 
 def test_predict_wsi_on_cuda_matches_the_cpu(tmp_path):
     """The GPU pipeline (tiles queued ahead, pinned copies back, post-processing workers) finds the CPU's nuclei."""
-    from make_slide import DarkStandIn, stand_in_predictor
-    from test_wsi import DISCS, RADIUS
-    from skimage.draw import disk
+    from make_slide import DISCS, DarkStandIn, disc_image, stand_in_predictor
 
     from cdcl.slide import ArrayReader
     from cdcl.wsi import predict_slide
 
-    image = np.full((460, 470, 3), 245, np.uint8)
-    for centre in DISCS:
-        image[disk(centre, RADIUS, shape=image.shape[:2])] = (90, 30, 120)
+    image, _ = disc_image()
     cpu = stand_in_predictor()
     gpu = stand_in_predictor(DarkStandIn().cuda())
     gpu.device = torch.device("cuda")

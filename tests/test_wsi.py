@@ -12,8 +12,7 @@ import pytest
 import shapely.geometry
 import torch
 from PIL import Image
-from make_slide import monuseg_mosaic, stand_in_predictor, write_pyramid
-from skimage.draw import disk
+from make_slide import DISCS, RADIUS, disc_image, monuseg_mosaic, stand_in_predictor, write_pyramid
 from test_export import check_geojson
 
 import cdcl.wsi
@@ -22,13 +21,6 @@ from cdcl.errors import CdclError
 from cdcl.slide import ArrayReader, choose_level, open_slide, tissue_mask
 from cdcl.wsi import Journal, predict_slide
 
-# Disc centres (row, col) placed on and across the seams of a 128 px grid: on a vertical seam, on a horizontal
-# seam, on a four-tile corner, exactly centred on a seam (centroid x = 256.0: the half-open core rule gives it
-# to the right-hand tile), near the slide edge, and well inside a tile.
-DISCS = [(64, 128), (128, 300), (256, 256), (200, 255.5), (383.5, 100), (20, 430), (440, 440), (330, 180), (60, 20)]
-RADIUS = 12
-
-
 def read_csv(path) -> list[dict[str, float]]:
     with open(path, newline="") as fh:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
@@ -36,14 +28,7 @@ def read_csv(path) -> list[dict[str, float]]:
 
 @pytest.fixture(scope="module")
 def disc_slide() -> tuple[np.ndarray, list[tuple[float, float, int]]]:
-    """A 460x470 synthetic slide of purple discs on white; expected (x, y, area) per disc (level-0 px)."""
-    image = np.full((460, 470, 3), 245, np.uint8)
-    expected = []
-    for centre in DISCS:
-        rr, cc = disk(centre, RADIUS, shape=image.shape[:2])
-        image[rr, cc] = (90, 30, 120)
-        expected.append((cc.mean() + 0.5, rr.mean() + 0.5, len(rr)))
-    return image, sorted(expected)
+    return disc_image()
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +75,15 @@ def test_two_slides_share_an_output_folder(tmp_path, disc_slide) -> None:
     assert {p.suffix for p in tmp_path.iterdir()} == {".geojson", ".csv", ".png", ".json"} and len(list(tmp_path.iterdir())) == 8
 
 
-def test_worker_processes_give_the_same_result(tmp_path, disc_slide) -> None:
+@pytest.mark.parametrize("shared_memory", [True, False])
+def test_worker_processes_give_the_same_result(tmp_path, disc_slide, monkeypatch, caplog, shared_memory) -> None:
+    """Inline, and with workers fed through shared memory or (a full /dev/shm) through the pool's pipe."""
     image, _ = disc_slide
     predict_slide(stand_in_predictor(), ArrayReader(image, mpp=0.25), tmp_path / "a", stem="discs", tile=128, halo=32, workers=0)
-    predict_slide(stand_in_predictor(), ArrayReader(image, mpp=0.25), tmp_path / "b", stem="discs", tile=128, halo=32, workers=1)
+    monkeypatch.setattr(cdcl.wsi, "shared_memory_fits", lambda total: shared_memory)
+    with caplog.at_level(logging.INFO, logger="cdcl.wsi"):
+        predict_slide(stand_in_predictor(), ArrayReader(image, mpp=0.25), tmp_path / "b", stem="discs", tile=128, halo=32, workers=2)
+    assert ("through a pipe" in caplog.text) is not shared_memory
     for name in ("discs.geojson", "discs_nuclei.csv"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 

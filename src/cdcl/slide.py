@@ -244,7 +244,7 @@ class Grid:
         region = reader.read_region(self.level, lx0, ly0, lx1 - lx0, ly1 - ly0)
         if r == 1.0:
             return region
-        return np.asarray(Image.fromarray(region).resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR))
+        return np.array(Image.fromarray(region).resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR))  # writable
 
 
 def tissue_tiles(grid: Grid, mask: np.ndarray, level0_width: int) -> list[tuple[int, tuple[int, int, int, int]]]:

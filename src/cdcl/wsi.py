@@ -23,13 +23,15 @@ files appear only complete; the journal is removed once they are written.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import os
 import shutil
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -45,6 +47,7 @@ from cdcl import __version__
 from cdcl.checkpoint import Predictor, load_predictor
 from cdcl.errors import CdclError, from_workers
 from cdcl.export import NUCLEUS_COLOR, csv_stream, geojson_stream, nucleus_feature
+from cdcl.handoff import SHM_FOLDER, SharedTileHandoff, shared_memory_fits, tile_bytes
 from cdcl.infer import PendingProbability, start_probability
 from cdcl.io import ensure_writable_dir, remove_leftover_temporaries, write_json_atomic
 from cdcl.slide import (
@@ -73,7 +76,8 @@ class TileDataset(Dataset):
             self._reader, self._pid = self.source.reopen(), os.getpid()
         index, core = self.tiles[i]
         box = self.grid.box(core)
-        return {"index": index, "core": core, "box": box, "image": self.grid.read(self._reader, box)}
+        # a tensor: DataLoader workers hand it to the main process in shared memory rather than through a pipe
+        return {"index": index, "core": core, "box": box, "image": torch.from_numpy(self.grid.read(self._reader, box))}
 
 
 def _unchanged(sample: dict[str, Any]) -> dict[str, Any]:
@@ -166,35 +170,53 @@ def reader_count(workers: int) -> int:
     return -(-workers // 4)
 
 
+def _tile_submitter(pool: Executor, workers: int, grid: Grid) -> tuple[Callable[..., Future], contextlib.AbstractContextManager]:
+    """``(submit, context)``: ``submit(prob, image, *args)`` queues :func:`tile_nuclei_json` in ``pool``. With
+    workers, tiles travel through shared memory when /dev/shm has room for every tile in flight, else (a
+    container's small /dev/shm) through the pool's pipe."""
+    if not workers:
+        return functools.partial(pool.submit, tile_nuclei_json), contextlib.nullcontext()
+    block = tile_bytes(grid.tile + 2 * grid.halo)
+    if not shared_memory_fits((2 * workers + 1) * block):
+        log.info("too little room in %s for %d tiles in flight: tiles go to the workers through a pipe (slower)",
+                 SHM_FOLDER, 2 * workers + 1)
+        return functools.partial(pool.submit, tile_nuclei_json), contextlib.nullcontext()
+    handoff = SharedTileHandoff(pool, block)
+    return handoff.submit, handoff
+
+
 def _predict_tiles(predictor: Predictor, reader: SlideReader, grid: Grid, todo: list, journal: Journal, pool: Executor, workers: int, bar: tqdm) -> None:
     """Read (DataLoader workers) -> predict (here) -> post-process (pool) -> journal, in tile order.
 
     Each tile's prediction is queued on the device before the previous tile is handed to post-processing, so
-    on an accelerator the main process receives and hands over tiles while the device computes."""
+    on an accelerator the main process receives and hands over tiles while the device computes. Tiles reach
+    this process, and leave it, through shared memory: it has the forward pass to feed."""
     loader = DataLoader(TileDataset(reader, grid, todo), batch_size=None, num_workers=reader_count(workers),
                         collate_fn=_unchanged, worker_init_fn=yield_to_prediction)
+    submit, handoff = _tile_submitter(pool, workers, grid)
     pending: deque[tuple[int, Future]] = deque()
 
     def post_process(item: dict[str, Any], prob: PendingProbability) -> None:
-        job = pool.submit(tile_nuclei_json, prob.result(), item["image"], predictor.postprocess, item["core"], item["box"], grid.scale)
-        pending.append((item["index"], job))
+        pending.append((item["index"], submit(prob.result(), item["image"], predictor.postprocess, item["core"], item["box"], grid.scale)))
         while len(pending) > 2 * workers or (pending and pending[0][1].done()):
             index, done = pending.popleft()
             journal.append(index, done.result())
             bar.update(1)
 
-    previous = None
-    for item in from_workers(loader):
-        prob = start_probability(predictor.model, item["image"], window=predictor.window, overlap=predictor.overlap,
-                                 batch_size=predictor.batch_size, device=predictor.device, amp=predictor.amp)
+    with handoff:
+        previous = None
+        for item in from_workers(loader):
+            item["image"] = item["image"].numpy()
+            prob = start_probability(predictor.model, item["image"], window=predictor.window, overlap=predictor.overlap,
+                                     batch_size=predictor.batch_size, device=predictor.device, amp=predictor.amp)
+            if previous is not None:
+                post_process(*previous)
+            previous = (item, prob)
         if previous is not None:
             post_process(*previous)
-        previous = (item, prob)
-    if previous is not None:
-        post_process(*previous)
-    for index, job in pending:
-        journal.append(index, job.result())
-        bar.update(1)
+        for index, job in pending:
+            journal.append(index, job.result())
+            bar.update(1)
 
 
 def write_outputs(journal: Journal, out_dir: Path, stem: str, thumbnail: np.ndarray, level0_width: int) -> int:

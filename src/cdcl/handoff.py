@@ -1,0 +1,91 @@
+"""Tiles handed to the post-processing workers through reusable shared-memory blocks instead of a pipe.
+
+A process pool pickles every argument through one pipe, written by one thread of the main process: 9 MB per
+1152 px tile (probability + pixels) made that pipe, not the workers, the limit of ``cdcl predict-wsi`` with a
+GPU. Here the main process copies the tile into a shared block (a memcpy) and sends the block's name; the
+worker copies it out at once, so the block is free again for a later tile. Blocks are reused because a fresh
+one costs a page fault per 4 kB on first write, as much as the pipe.
+
+Nothing here imports torch (the workers import it).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Executor, Future
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
+
+import numpy as np
+
+from cdcl.slide import tile_nuclei_json
+
+SHM_FOLDER = "/dev/shm"  # where Linux keeps POSIX shared memory; containers often size it at only 64 MB
+
+
+def tile_bytes(side: int) -> int:
+    """Bytes of one tile of at most ``side`` x ``side`` px: float32 probability + RGB pixels."""
+    return side * side * (4 + 3)
+
+
+def shared_memory_fits(total_bytes: int, folder: str = SHM_FOLDER) -> bool:
+    """Whether ``folder`` has room for ``total_bytes`` with as much again to spare. Writing past a full
+    /dev/shm kills the process with SIGBUS rather than raising, so the room is checked before, not caught."""
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize >= 2 * total_bytes
+
+
+class SharedTileHandoff:
+    """``submit(prob, image, *args)`` runs :func:`tile_nuclei_json` in ``pool`` on a tile sent through shared
+    memory; ``close`` (or leaving the ``with`` block) removes the blocks."""
+
+    def __init__(self, pool: Executor, block_bytes: int) -> None:
+        self.pool, self.block_bytes = pool, block_bytes
+        self._blocks: list[SharedMemory] = []
+        self._in_use: list[tuple[Future, SharedMemory]] = []
+
+    def submit(self, prob: np.ndarray, image: np.ndarray, *args: Any) -> Future:
+        height, width = prob.shape
+        if tile_bytes(max(height, width)) > self.block_bytes:
+            raise ValueError(f"a {height}x{width} tile does not fit blocks of {self.block_bytes} bytes")
+        block = self._free_block()
+        np.ndarray((height, width), np.float32, block.buf)[:] = prob
+        np.ndarray((height, width, 3), np.uint8, block.buf, offset=height * width * 4)[:] = image
+        future = self.pool.submit(tile_nuclei_from_shared, block.name, height, width, *args)
+        self._in_use.append((future, block))
+        return future
+
+    def _free_block(self) -> SharedMemory:
+        """A block whose job has finished (the worker copied the tile out long before), else a new one."""
+        for i, (future, block) in enumerate(self._in_use):
+            if future.done():
+                del self._in_use[i]
+                return block
+        block = SharedMemory(create=True, size=self.block_bytes)
+        self._blocks.append(block)
+        return block
+
+    def close(self) -> None:
+        for block in self._blocks:
+            block.close()
+            block.unlink()
+        self._blocks.clear()
+        self._in_use.clear()
+
+    def __enter__(self) -> SharedTileHandoff:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def tile_nuclei_from_shared(name: str, height: int, width: int, *args: Any) -> str:
+    """Worker side of :class:`SharedTileHandoff`: copy the tile out of its block, then :func:`tile_nuclei_json`."""
+    block = SharedMemory(name=name)
+    prob = np.ndarray((height, width), np.float32, block.buf).copy()
+    image = np.ndarray((height, width, 3), np.uint8, block.buf, offset=height * width * 4).copy()
+    block.close()
+    return tile_nuclei_json(prob, image, *args)
