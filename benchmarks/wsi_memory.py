@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -92,6 +93,7 @@ def run_predict_wsi(slide: Path, out: Path, args: argparse.Namespace, checkpoint
     if args.batch_size:
         command += ["--batch-size", str(args.batch_size)]
     shutil.rmtree(out, ignore_errors=True)  # a run killed in an earlier --keep folder would otherwise be resumed
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     peak_tree = [0]
@@ -106,6 +108,8 @@ def run_predict_wsi(slide: Path, out: Path, args: argparse.Namespace, checkpoint
     _, stderr = proc.communicate()
     sampler.join()
     wall = time.perf_counter() - start
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the whole tree: every process in it was waited for
+    cpu_seconds = cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime
     if proc.returncode != 0:
         raise SystemExit(f"predict-wsi failed on {slide.name}:\n{stderr[-3000:]}")
     found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
@@ -115,7 +119,8 @@ def run_predict_wsi(slide: Path, out: Path, args: argparse.Namespace, checkpoint
             "peak_rss_mb": round(int(found.group(1)) / 1024, 1) if found else None, "peak_tree_rss_mb": round(peak_tree[0] / 1024, 1),
             "megapixels": summary["megapixels_predicted"], "seconds_predict": summary["seconds_predict"],
             "seconds_command": round(wall, 2), "megapixels_per_s": summary["megapixels_per_s"],
-            "megapixels_per_s_command": round(summary["megapixels_predicted"] / wall, 3)}
+            "megapixels_per_s_command": round(summary["megapixels_predicted"] / wall, 3),
+            "cpu_seconds_command": round(cpu_seconds, 1), "cpu_seconds_per_tile": round(cpu_seconds / summary["tiles"]["predicted_now"], 3)}
 
 
 def bare_forward(predictor, slide: Path, tile: int, halo: int, repeats: int = 3) -> dict:
@@ -166,13 +171,13 @@ def write_report(result: dict, out_dir: Path) -> None:
         f"Model: {result['model']}; device: {result['device']}; {result['cpus']} CPUs; torch {result['torch']}; "
         f"tile {result['tile']}, workers {result['workers']}", "",
         "| slide (px) | tissue tiles | nuclei | peak RSS, largest process (MB) | peak RSS, process tree (MB) | "
-        "predict MP/s | command MP/s | predict s | command s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "predict MP/s | command MP/s | predict s | command s | CPU s (command) | CPU s per tile |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
         lines.append(f"| {r['slide_px'][0]} x {r['slide_px'][1]} | {r['tiles']} | {r['nuclei']} | {r['peak_rss_mb']} | "
                      f"{r['peak_tree_rss_mb']} | {r['megapixels_per_s']} | {r['megapixels_per_s_command']} | "
-                     f"{r['seconds_predict']} | {r['seconds_command']} |")
+                     f"{r['seconds_predict']} | {r['seconds_command']} | {r['cpu_seconds_command']} | {r['cpu_seconds_per_tile']} |")
     bare = result["bare_forward"]
     lines += [
         "",
@@ -183,10 +188,14 @@ def write_report(result: dict, out_dir: Path) -> None:
         f"- End-to-end / bare throughput: **{result['throughput_ratio']}** (large slide, prediction phase); "
         f"{result['throughput_ratio_small']} (small slide); target >= 0.8: "
         f"{'met' if result['throughput_ratio'] >= 0.8 else 'NOT met'}.",
+        f"- CPU per tile, all processes, start-up cancelled out (large minus small slide): "
+        f"{result['cpu_seconds_per_extra_tile']} core-s; with {result['cpus']} CPUs at most "
+        f"{round(result['cpus'] / result['cpu_seconds_per_extra_tile'], 1)} tiles/s.",
         "",
         "Megapixels are tile-core pixels at the model's resolution. 'predict' times the tile loop (read, "
         "predict, post-process, journal); 'command' is the whole process: start-up, model loading, tissue mask, "
-        "and writing GeoJSON, CSV and overlay.",
+        "and writing GeoJSON, CSV and overlay. CPU seconds are user + system time of the whole process tree "
+        "(start-up and writing included): the CPU a slide needs, whatever the accelerator.",
     ]
     (out_dir / "wsi_memory.md").write_text("\n".join(lines) + "\n")
 
@@ -244,6 +253,9 @@ def main() -> int:
         "tree_rss_ratio": round(runs[1]["peak_tree_rss_mb"] / runs[0]["peak_tree_rss_mb"], 3),
         "throughput_ratio": round(runs[1]["megapixels_per_s"] / bare["megapixels_per_s"], 3),
         "throughput_ratio_small": round(runs[0]["megapixels_per_s"] / bare["megapixels_per_s"], 3),
+        # start-up cancels out: the CPU each further tile costs, across every process
+        "cpu_seconds_per_extra_tile": round((runs[1]["cpu_seconds_command"] - runs[0]["cpu_seconds_command"])
+                                            / (runs[1]["tiles"] - runs[0]["tiles"]), 3),
     }
     write_report(result, args.out)
     print((args.out / "wsi_memory.md").read_text())

@@ -284,7 +284,7 @@ def test_default_workers_inline_on_a_cpu_most_cores_with_a_gpu(tmp_path, disc_sl
     assert summary["workers"] == 0  # a CPU predictor: post-processing between tiles, in this process
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     workers = cdcl.wsi.default_workers(torch.device("cuda"))
-    assert (workers, cdcl.wsi.reader_count(workers)) == (12, 3)  # with the main process: all 16 cores
+    assert (workers, cdcl.wsi.reader_count(workers)) == (12, 4)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert cdcl.wsi.default_workers(torch.device("cuda")) == 1
-    assert [cdcl.wsi.reader_count(w) for w in (0, 1, 4, 5)] == [0, 1, 1, 2]
+    assert [cdcl.wsi.reader_count(w) for w in (0, 1, 3, 4)] == [0, 1, 1, 2]
