@@ -48,7 +48,7 @@ def checkpoint(tmp_path, monkeypatch) -> str:
 
 def run_seam_slide(disc_slide, out, **kwargs) -> dict:
     image, _ = disc_slide
-    return predict_slide(stand_in_predictor(), ArrayReader(image, mpp=0.25), out, stem="discs", tile=128, halo=32, workers=0, **kwargs)
+    return predict_slide(stand_in_predictor(), ArrayReader(image, mpp=0.25), out, stem="discs", tile=128, halo=32, **{"workers": 0, **kwargs})
 
 
 def test_seam_nuclei_come_out_once_and_whole(tmp_path, disc_slide) -> None:
@@ -126,6 +126,22 @@ def test_interrupted_run_resumes_to_the_same_files(tmp_path, disc_slide, monkeyp
     for name in ("discs.geojson", "discs_nuclei.csv"):
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
     assert not (out / "discs.partial").exists()
+
+
+def test_an_interrupted_run_with_workers_leaves_no_shared_memory(tmp_path, disc_slide, monkeypatch) -> None:
+    """Tiles in flight sit in shared-memory blocks; an interrupt (Ctrl-C) removes them all the same."""
+    before = set(os.listdir("/dev/shm"))
+    append = Journal.append
+
+    def append_then_die(self, index, nuclei):
+        if self.finished:
+            raise KeyboardInterrupt
+        append(self, index, nuclei)
+
+    monkeypatch.setattr(Journal, "append", append_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_seam_slide(disc_slide, tmp_path, workers=2)
+    assert not {name for name in set(os.listdir("/dev/shm")) - before if name.startswith("psm_")}
 
 
 def test_changed_settings_restart_cleanly(tmp_path, disc_slide) -> None:
@@ -284,7 +300,7 @@ def test_default_workers_inline_on_a_cpu_most_cores_with_a_gpu(tmp_path, disc_sl
     assert summary["workers"] == 0  # a CPU predictor: post-processing between tiles, in this process
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     workers = cdcl.wsi.default_workers(torch.device("cuda"))
-    assert (workers, cdcl.wsi.reader_count(workers)) == (12, 4)
+    assert (workers, cdcl.wsi.reader_count(workers)) == (12, 3)  # with the main process: all 16 cores
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert cdcl.wsi.default_workers(torch.device("cuda")) == 1
-    assert [cdcl.wsi.reader_count(w) for w in (0, 1, 3, 4)] == [0, 1, 1, 2]
+    assert [cdcl.wsi.reader_count(w) for w in (0, 1, 4, 5)] == [0, 1, 1, 2]

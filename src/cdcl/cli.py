@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=1024, metavar="PX", help="tile side, in pixels at the model's resolution")
     p.add_argument("--halo", type=int, default=64, metavar="PX", help="context read around each tile (model pixels); must exceed the largest nucleus")
     p.add_argument("--workers", type=int, default=None, help="processes post-processing tiles (nuclei, polygons, measurements), plus one "
-                   "reading tiles per 3 of them; 0: all in one process (default: 0 on a CPU, 4/5 of the CPU cores with a GPU)")
+                   "reading tiles per 4 of them; 0: all in one process (default: 0 on a CPU, 4/5 of the CPU cores with a GPU)")
     _add_device(p)
     p.set_defaults(handler="cdcl.wsi:run")
     return parser

@@ -140,8 +140,7 @@ def default_workers(device: torch.device) -> int:
     """Post-processing processes when none are asked for. None on a CPU: the forward pass already keeps every
     core busy, so post-processing between tiles is as fast as in a worker (within the noise of
     ``benchmarks/wsi_memory.py`` on 2 cores) and needs ~800 MB less memory. With an accelerator, 4/5 of the CPU
-    cores but the main process's; the tile readers (:func:`reader_count`) get the rest, and a core more
-    where they fall behind."""
+    cores but the main process's; the tile readers (:func:`reader_count`) get the rest."""
     return 0 if device.type == "cpu" else max(1, ((os.cpu_count() or 2) - 1) * 4 // 5)
 
 
@@ -165,11 +164,10 @@ class _Inline(Executor):
 
 
 def reader_count(workers: int) -> int:
-    """Tile-reading processes for ``workers`` post-processing ones: one per three. Reading a 1152 px tile costs
-    about 0.1 core-s against 0.34 for post-processing it, but on an H200 with 12 workers and 3 readers the main
-    process still waited for tiles a quarter of the time (profiled); a reader with nothing to do sleeps on a full
-    queue. None without workers: the main process reads."""
-    return -(-workers // 3)
+    """Tile-reading processes for ``workers`` post-processing ones: one per four, as reading a 1152 px tile costs
+    about a quarter of post-processing it (0.10 vs 0.34 core-s on 2 cores). On an H200 one per three was not
+    faster (``benchmarks/results/wsi_memory_h200_compare.md``). None without workers: the main process reads."""
+    return -(-workers // 4)
 
 
 def _tile_submitter(pool: Executor, workers: int, grid: Grid) -> tuple[Callable[..., Future], contextlib.AbstractContextManager]:
