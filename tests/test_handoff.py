@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from multiprocessing.shared_memory import SharedMemory
@@ -11,7 +14,7 @@ import numpy as np
 import pytest
 from make_slide import disc_image
 
-from cdcl.handoff import SharedTileHandoff, shared_memory_fits, tile_bytes
+from cdcl.handoff import PREFIX, SharedTileHandoff, remove_orphaned_blocks, shared_memory_fits, tile_bytes
 from cdcl.postprocess import PostprocessParams
 from cdcl.slide import tile_nuclei_json
 
@@ -58,3 +61,23 @@ def test_shared_memory_room_is_checked_before_use(tmp_path):
     assert not shared_memory_fits(2**62, str(tmp_path))
     assert not shared_memory_fits(1024, str(tmp_path / "missing"))
     assert tile_bytes(1152) == 1152 * 1152 * 7
+
+
+def test_blocks_of_dead_processes_are_removed_and_others_kept(tmp_path):
+    """A killed process group leaves its blocks in /dev/shm (memory); the next run removes them."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead = int(gone.stdout)
+    names = [f"{PREFIX}{dead}-0a1b2c3d", f"{PREFIX}{os.getpid()}-0a1b2c3d", f"{PREFIX}1-0a1b2c3d", "psm_0a1b2c3d", f"{PREFIX}x-1"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"tile")
+    assert remove_orphaned_blocks(str(tmp_path)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])  # own, init's (alive), foreign, malformed
+    assert remove_orphaned_blocks(str(tmp_path / "missing")) == 0
+
+
+def test_blocks_are_named_for_their_process():
+    with ProcessPoolExecutor(1, mp_context=get_context("forkserver")) as pool, SharedTileHandoff(pool, tile_bytes(320)) as handoff:
+        prob, image, core, box = tiles()[0]
+        handoff.submit(prob, image, PostprocessParams(), core, box, 1.0).result()
+        assert handoff._blocks[0].name.startswith(f"{PREFIX}{os.getpid()}-")
+        assert os.path.exists(f"/dev/shm/{handoff._blocks[0].name}")

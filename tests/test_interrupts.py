@@ -15,6 +15,7 @@ import torch
 from cli_cases import Running, World, assert_ok, run_cdcl, start_cdcl, stray_files, write_slide
 
 from cdcl.checkpoint import load_checkpoint
+from cdcl.handoff import remove_orphaned_blocks
 
 ITERATIONS = 8
 SLIDE_OUTPUTS = ("slide.geojson", "slide_nuclei.csv", "slide_overlay.png", "slide_summary.json")
@@ -172,6 +173,7 @@ def test_predict_wsi_killed_mid_run_resumes_to_the_same_files(world, tmp_path, r
 
     final = run_cdcl(*wsi_args(world, slide, out))
     assert_ok(final)
+    assert not remove_orphaned_blocks(), "blocks of the killed runs were left in /dev/shm"  # the final run removed them
     same = all((out / name).read_bytes() == (reference / name).read_bytes() for name in ("slide.geojson", "slide_nuclei.csv"))
     summary = json.loads((out / "slide_summary.json").read_text())
     record("predict-wsi", "re-run of the same command after the kills", final, "exit 0, same files",

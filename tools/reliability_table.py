@@ -33,6 +33,9 @@ SUITES = {
 COMMAND_ORDER = ["data check", "split", "train", "train (in-process)", "CDCL.losses", "evaluate", "predict", "predict-wsi"]
 
 FIXED = [
+    "`predict-wsi` with `--workers` > 0 killed as a whole process group (SIGKILL to the group, as a container "
+    "stop does): the shared-memory blocks of the tiles in flight stayed in /dev/shm, which is memory, until reboot "
+    "(src/cdcl/handoff.py: blocks are named after their process; the next run removes those of dead processes).",
     "`train`: the progress bar was left open when an error stopped the run, so stderr's last line was the bar, "
     "not the error (src/cdcl/train.py: the bar is a context manager).",
     "`train` with `data.num_workers` > 0 (and `predict-wsi` with `--workers` > 0): an error in a DataLoader worker "

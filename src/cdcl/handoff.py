@@ -6,12 +6,17 @@ GPU. Here the main process copies the tile into a shared block (a memcpy) and se
 worker copies it out at once, so the block is free again for a later tile. Blocks are reused because a fresh
 one costs a page fault per 4 kB on first write, as much as the pipe.
 
+Blocks are named ``cdcl-tile-<pid>-<random>``. Python's resource tracker removes them if the main process dies,
+but not when the whole process group is killed (``kill -9 -PGID``, a container stop): the next run then removes
+the blocks of processes that no longer exist (:func:`remove_orphaned_blocks`), as /dev/shm is memory.
+
 Nothing here imports torch (the workers import it).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 from concurrent.futures import Executor, Future
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -21,6 +26,7 @@ import numpy as np
 from cdcl.slide import tile_nuclei_json
 
 SHM_FOLDER = "/dev/shm"  # where Linux keeps POSIX shared memory; containers often size it at only 64 MB
+PREFIX = "cdcl-tile-"
 
 
 def tile_bytes(side: int) -> int:
@@ -36,6 +42,34 @@ def shared_memory_fits(total_bytes: int, folder: str = SHM_FOLDER) -> bool:
     except OSError:
         return False
     return stat.f_bavail * stat.f_frsize >= 2 * total_bytes
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_orphaned_blocks(folder: str = SHM_FOLDER) -> int:
+    """Remove the blocks left in ``folder`` by cdcl processes that no longer exist; returns how many."""
+    removed = 0
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    for name in names:
+        pid = name[len(PREFIX):].split("-")[0]
+        if name.startswith(PREFIX) and pid.isdigit() and not _alive(int(pid)):
+            try:
+                os.unlink(os.path.join(folder, name))
+                removed += 1
+            except OSError:
+                continue
+    return removed
 
 
 class SharedTileHandoff:
@@ -64,7 +98,7 @@ class SharedTileHandoff:
             if future.done():
                 del self._in_use[i]
                 return block
-        block = SharedMemory(create=True, size=self.block_bytes)
+        block = SharedMemory(f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}", create=True, size=self.block_bytes)
         self._blocks.append(block)
         return block
 

@@ -47,7 +47,7 @@ from cdcl import __version__
 from cdcl.checkpoint import Predictor, load_predictor
 from cdcl.errors import CdclError, from_workers
 from cdcl.export import NUCLEUS_COLOR, csv_stream, geojson_stream, nucleus_feature
-from cdcl.handoff import SHM_FOLDER, SharedTileHandoff, shared_memory_fits, tile_bytes
+from cdcl.handoff import SHM_FOLDER, SharedTileHandoff, remove_orphaned_blocks, shared_memory_fits, tile_bytes
 from cdcl.infer import PendingProbability, start_probability
 from cdcl.io import ensure_writable_dir, remove_leftover_temporaries, write_json_atomic
 from cdcl.slide import (
@@ -173,7 +173,8 @@ def reader_count(workers: int) -> int:
 def _tile_submitter(pool: Executor, workers: int, grid: Grid) -> tuple[Callable[..., Future], contextlib.AbstractContextManager]:
     """``(submit, context)``: ``submit(prob, image, *args)`` queues :func:`tile_nuclei_json` in ``pool``. With
     workers, tiles travel through shared memory when /dev/shm has room for every tile in flight, else (a
-    container's small /dev/shm) through the pool's pipe."""
+    container's small /dev/shm) through the pool's pipe. Blocks of earlier, killed runs are removed first."""
+    remove_orphaned_blocks()
     if not workers:
         return functools.partial(pool.submit, tile_nuclei_json), contextlib.nullcontext()
     block = tile_bytes(grid.tile + 2 * grid.halo)
