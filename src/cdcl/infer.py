@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -103,7 +103,11 @@ def start_probability(
     device: torch.device | str | None = None,
     amp: bool = False,
 ) -> PendingProbability:
-    """Queue :func:`sliding_window_probability` of ``image`` on the device and return without waiting for it.
+    """Queue the foreground probability of ``image`` on the device and return without waiting for it.
+
+    Images of any size are accepted: a side shorter than ``window`` gets one window of that side rounded up to a
+    multiple of 32, and the image is reflect-padded to fill it. ``device`` defaults to the model's; ``amp``
+    enables autocast on CUDA only.
 
     Windows are cut from the image on the device and blended there when the padded image has at most
     ``STITCH_ON_DEVICE_PIXELS`` pixels, so a CUDA run synchronises once per image rather than once per batch;
@@ -144,24 +148,10 @@ def start_probability(
     return PendingProbability(host, done)
 
 
-def sliding_window_probability(
-    model: torch.nn.Module,
-    image: np.ndarray,
-    *,
-    window: int,
-    overlap: float = 0.25,
-    batch_size: int = 4,
-    device: torch.device | str | None = None,
-    amp: bool = False,
-) -> np.ndarray:
-    """Foreground probability (softmax of class 1) of an HxWx3 uint8 image, as an HxW float32 array.
-
-    Images of any size are accepted: a side shorter than ``window`` gets one window of that side rounded up to a
-    multiple of 32, and the image is reflect-padded to fill it. ``device`` defaults to the model's; ``amp``
-    enables autocast on CUDA only.
-    """
-    return start_probability(model, image, window=window, overlap=overlap, batch_size=batch_size, device=device,
-                             amp=amp).result()
+def sliding_window_probability(model: torch.nn.Module, image: np.ndarray, **options: Any) -> np.ndarray:
+    """Foreground probability (softmax of class 1) of an HxWx3 uint8 image, as an HxW float32 array: the result
+    of :func:`start_probability` (same keyword ``options``), waited for."""
+    return start_probability(model, image, **options).result()
 
 
 def predict_instances(predictor: Predictor, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
