@@ -243,11 +243,14 @@ def main() -> int:
         forward_seconds(predictor, batches[:8])  # warm-up: cuDNN autotuning, allocator
         # the bare pass is timed before, between and after the two runs: each run is compared with the passes
         # around it, so a machine whose speed drifts (a shared VM) does not bias the ratio
-        speeds = [round(bare["megapixels"] / forward_seconds(predictor, batches), 3)]
+        def bare_speed() -> float:
+            return round(bare["megapixels"] / forward_seconds(predictor, batches), 3)
+
+        speeds = [bare_speed()]
         runs = []
         for slide in slides:
             runs.append(run_predict_wsi(slide, work / f"out_{slide.stem}", args, checkpoint))
-            speeds.append(round(bare["megapixels"] / forward_seconds(predictor, batches), 3))
+            speeds.append(bare_speed())
         bare["megapixels_per_s"] = speeds
     finally:
         if args.keep is None:

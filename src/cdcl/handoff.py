@@ -86,8 +86,10 @@ class SharedTileHandoff:
         if tile_bytes(max(height, width)) > self.block_bytes:
             raise ValueError(f"a {height}x{width} tile does not fit blocks of {self.block_bytes} bytes")
         block = self._free_block()
-        np.ndarray((height, width), np.float32, block.buf)[:] = prob
-        np.ndarray((height, width, 3), np.uint8, block.buf, offset=height * width * 4)[:] = image
+        block_prob, block_image = _tile_views(block, height, width)
+        block_prob[:] = prob
+        block_image[:] = image
+        del block_prob, block_image  # no view may outlive its block (close would refuse)
         future = self.pool.submit(tile_nuclei_from_shared, block.name, height, width, *args)
         self._in_use.append((future, block))
         return future
@@ -116,10 +118,15 @@ class SharedTileHandoff:
         self.close()
 
 
+def _tile_views(block: SharedMemory, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The block's layout, shared by both sides: float32 probability, then the RGB pixels."""
+    prob = np.ndarray((height, width), np.float32, block.buf)
+    return prob, np.ndarray((height, width, 3), np.uint8, block.buf, offset=prob.nbytes)
+
+
 def tile_nuclei_from_shared(name: str, height: int, width: int, *args: Any) -> str:
     """Worker side of :class:`SharedTileHandoff`: copy the tile out of its block, then :func:`tile_nuclei_json`."""
     block = SharedMemory(name=name)
-    prob = np.ndarray((height, width), np.float32, block.buf).copy()
-    image = np.ndarray((height, width, 3), np.uint8, block.buf, offset=height * width * 4).copy()
+    prob, image = (view.copy() for view in _tile_views(block, height, width))
     block.close()
     return tile_nuclei_json(prob, image, *args)

@@ -175,15 +175,14 @@ def _tile_submitter(pool: Executor, workers: int, grid: Grid) -> tuple[Callable[
     workers, tiles travel through shared memory when /dev/shm has room for every tile in flight, else (a
     container's small /dev/shm) through the pool's pipe. Blocks of earlier, killed runs are removed first."""
     remove_orphaned_blocks()
-    if not workers:
-        return functools.partial(pool.submit, tile_nuclei_json), contextlib.nullcontext()
     block = tile_bytes(grid.tile + 2 * grid.halo)
-    if not shared_memory_fits((2 * workers + 1) * block):
+    if workers and shared_memory_fits((2 * workers + 1) * block):
+        handoff = SharedTileHandoff(pool, block)
+        return handoff.submit, handoff
+    if workers:
         log.info("too little room in %s for %d tiles in flight: tiles go to the workers through a pipe (slower)",
                  SHM_FOLDER, 2 * workers + 1)
-        return functools.partial(pool.submit, tile_nuclei_json), contextlib.nullcontext()
-    handoff = SharedTileHandoff(pool, block)
-    return handoff.submit, handoff
+    return functools.partial(pool.submit, tile_nuclei_json), contextlib.nullcontext()
 
 
 def _predict_tiles(predictor: Predictor, reader: SlideReader, grid: Grid, todo: list, journal: Journal, pool: Executor, workers: int, bar: tqdm) -> None:
