@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import multiprocessing
+import subprocess
 import sys
 from pathlib import Path
 
@@ -83,3 +84,13 @@ def test_only_prefixes_set_the_order_of_runs(quality):
     assert keys[:4] == [f"dsb2018/1-8/seed1/{m}" for m in quality.METHODS]
     assert keys[4:] == [f"monuseg/1-8/seed0/{name}" for name in quality.ABLATIONS]
     assert quality.select(quality.plan(), []) == quality.plan()
+
+
+def test_postprocess_speed_benchmark_checks_old_and_new_agree(tmp_path, shared_data):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "postprocess_speed.py"), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "postprocess_speed.json").read_text())
+    assert result["identical"] == len(result["maps"]) == 4
+    assert all(m["nuclei"] > 50 and m["seconds"]["old"] > 0 and m["seconds"]["new"] > 0 for m in result["maps"].values())
+    assert "| 3 images |" in (tmp_path / "postprocess_speed.md").read_text()

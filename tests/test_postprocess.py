@@ -8,7 +8,11 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from cdcl.metrics import aji
-from cdcl.postprocess import PostprocessParams, fill_holes_of, instances_from_probability, tune_params
+from skimage.segmentation import relabel_sequential
+
+from cdcl.postprocess import (
+    PostprocessParams, _finish, _remove_small, distance_to_background, fill_holes_of, instances_from_probability, tune_params,
+)
 
 
 def disc(shape: tuple[int, int], centre: tuple[int, int], radius: float) -> np.ndarray:
@@ -145,3 +149,24 @@ def test_fill_holes_equals_scipy_on_random_masks():
     ring[2:7, 2:7] = True
     ring[4, 4] = False
     assert fill_holes_of(ring)[4, 4] and fill_holes_of(ring).sum() == 25
+
+
+def test_distance_to_background_equals_scipy_bit_for_bit():
+    rng = np.random.default_rng(0)
+    masks = [rng.random((rng.integers(1, 60), rng.integers(1, 60))) > rng.uniform(0.05, 0.95) for _ in range(300)]
+    masks += [np.ones((7, 9), bool), np.zeros((7, 9), bool), np.eye(12, dtype=bool)[:, ::-1], ndi.binary_dilation(np.eye(40, dtype=bool), iterations=6)]
+    for mask in masks:
+        expected = ndi.distance_transform_edt(mask)
+        got = distance_to_background(mask)
+        assert got.dtype == np.float64 and np.array_equal(got, expected), mask.shape
+    assert distance_to_background(np.pad(np.ones((5, 5), bool), 1))[3, 3] == 3.0
+
+
+def test_finish_equals_remove_small_then_relabel_sequential():
+    rng = np.random.default_rng(1)
+    for min_size in (0, 1, 4, 12):
+        labels = rng.choice([0, 3, 7, 8, 20, 41], p=[0.5, 0.2, 0.01, 0.15, 0.1, 0.04], size=(30, 30))
+        expected = relabel_sequential(_remove_small(labels, min_size))[0]
+        got = _finish(labels, min_size)
+        assert got.dtype == np.int32 and np.array_equal(got, expected), min_size
+        assert np.array_equal(np.unique(got)[1:], np.arange(1, got.max() + 1))
