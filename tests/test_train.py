@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -46,18 +45,6 @@ def test_each_method_trains_and_logs_its_terms(tiny, tmp_path, method, terms):
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "config.yaml").exists()
     predictor = load_predictor(tmp_path / "best.pt", "cpu")
     assert predictor.window == 64 and not predictor.model.training
-
-
-def test_cpu_predictor_has_channels_last_weights_and_the_same_outputs(tiny, tmp_path):
-    data, split = tiny
-    train(load_config(None, tiny_overrides(data, split, "supervised", iterations=2)), tmp_path)
-    predictor = load_predictor(tmp_path / "best.pt", "cpu")
-    convs = [m for m in predictor.model.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs if c.kernel_size != (1, 1))
-    contiguous = copy.deepcopy(predictor.model).to(memory_format=torch.contiguous_format)
-    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        assert torch.allclose(predictor.model(x)["logits"], contiguous(x)["logits"], atol=1e-5)
 
 
 def test_cdcl_contrastive_stats_are_logged(tiny, tmp_path):

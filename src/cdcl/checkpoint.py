@@ -95,8 +95,6 @@ def load_predictor(path: str | Path, device: str = "auto", batch_size: int | Non
         raise CdclError(f"checkpoint metadata is invalid ({exc})", path) from None
     dev = resolve_device(device)
     model = model_from_checkpoint(payload, path).to(dev).eval()
-    if dev.type == "cpu":  # oneDNN's fastest layout: 1.2-1.3x (benchmarks/inference_layout.py); GPU not measured
-        model = model.to(memory_format=torch.channels_last)
     return Predictor(model=model, device=dev, postprocess=params, mpp=config.data.mpp, window=config.infer.window,
                      overlap=config.infer.overlap, batch_size=batch_size or config.infer.batch_size,
                      amp=config.train.amp and dev.type == "cuda", config=config)
