@@ -161,6 +161,19 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def write_results(result: dict, name: str, start: float, out: Path | None, quick: bool, render: Callable[[dict], str]) -> None:
+    """Close ``result`` (load average at the end, total seconds), write ``<name>.json`` and the Markdown table
+    ``render`` makes of it to ``out`` (default benchmarks/results; a temporary folder for a quick run), print it."""
+    result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["seconds_total"] = time.perf_counter() - start
+    out = out or (Path(tempfile.mkdtemp(prefix=f"cdcl-{name}-")) if quick else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / f"{name}.json", result)
+    write_text_atomic(out / f"{name}.md", render(result))
+    print(render(result))
+    print(f"written: {out / f'{name}.json'}, {out / f'{name}.md'}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 masks, 1 repeat")
@@ -186,14 +199,7 @@ def main() -> int:
     result["checks"] = {"maps": len(everything),
                         **{k: sum(m[k] for m in everything) for k in ("polygons_identical", "table_identical", "perimeter_ids_equal")},
                         "perimeter_max_abs_diff": max(m["perimeter_max_abs_diff"] for m in everything)}
-    result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    result["seconds_total"] = time.perf_counter() - start
-    out = args.out or (Path(tempfile.mkdtemp(prefix="cdcl-export-speed-")) if args.quick else RESULTS)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "export_speed.json", result)
-    write_text_atomic(out / "export_speed.md", markdown(result))
-    print(markdown(result))
-    print(f"written: {out / 'export_speed.json'}, {out / 'export_speed.md'}")
+    write_results(result, "export_speed", start, args.out, args.quick, markdown)
     checks = result["checks"]
     return 0 if checks["polygons_identical"] == checks["table_identical"] == checks["perimeter_ids_equal"] == checks["maps"] else 1
 

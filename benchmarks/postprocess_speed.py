@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,8 +29,7 @@ from skimage.segmentation import relabel_sequential
 from cdcl import postprocess
 from cdcl.checkpoint import load_predictor
 from cdcl.infer import sliding_window_probability
-from cdcl.io import write_json_atomic, write_text_atomic
-from export_speed import MOSAIC, RESULTS, TRAIN, load, machine, mosaic, timed
+from export_speed import MOSAIC, TRAIN, load, machine, mosaic, timed, write_results
 from provenance import git_commit
 
 
@@ -120,14 +118,7 @@ def main() -> int:
     result["seconds_images"] = {v: sum(m["seconds"][v] for m in per_image) for v in ("old", "new")}
     result["nuclei_images"] = sum(m["nuclei"] for m in per_image)
     result["identical"] = sum(m["identical"] for m in result["maps"].values())
-    result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    result["seconds_total"] = time.perf_counter() - start
-    out = args.out or (Path(tempfile.mkdtemp(prefix="cdcl-postprocess-speed-")) if args.quick else RESULTS)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "postprocess_speed.json", result)
-    write_text_atomic(out / "postprocess_speed.md", markdown(result))
-    print(markdown(result))
-    print(f"written: {out / 'postprocess_speed.json'}, {out / 'postprocess_speed.md'}")
+    write_results(result, "postprocess_speed", start, args.out, args.quick, markdown)
     return 0 if result["identical"] == len(result["maps"]) else 1
 
 
