@@ -49,8 +49,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:  # another user's process: alive
+        pass
     return True
 
 
@@ -62,8 +62,10 @@ def remove_orphaned_blocks(folder: str = SHM_FOLDER) -> int:
     except OSError:
         return 0
     for name in names:
+        if not name.startswith(PREFIX):
+            continue
         pid = name[len(PREFIX):].split("-")[0]
-        if name.startswith(PREFIX) and pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not _alive(int(pid)):
             try:
                 os.unlink(os.path.join(folder, name))
                 removed += 1
