@@ -15,7 +15,7 @@ from cdcl.checkpoint import load_predictor
 from cdcl.cli import main
 from cdcl.config import load_config
 from cdcl.data.synthetic import synthetic_tile
-from cdcl.infer import sliding_window_probability
+from cdcl.infer import sliding_window_probability, start_probability
 from cdcl.train import train
 from training_helpers import tiny_dataset, tiny_overrides
 
@@ -81,6 +81,24 @@ def test_blending_on_the_gpu_equals_blending_in_cpu_memory(trained, monkeypatch)
     monkeypatch.setattr(cdcl.infer, "STITCH_ON_DEVICE_PIXELS", 0)
     in_host_memory = sliding_window_probability(predictor.model, image, window=64, overlap=0.25, batch_size=3)
     np.testing.assert_array_equal(on_device, in_host_memory)
+
+
+def test_queueing_an_image_never_waits_for_the_device(trained):
+    """``start_probability`` only queues work: an upload from pageable memory, for one, would hold the host until
+    the previous tile's forward pass had run, undoing predict-wsi's queue-ahead. PyTorch raises on any
+    synchronising call in this mode."""
+    out, _ = trained
+    predictor = load_predictor(out / "best.pt", "cuda")
+    assert predictor.batch_size >= 16
+    image = synthetic_tile(np.random.default_rng(6), 300)[0]
+    options = {"window": 64, "overlap": 0.25, "batch_size": 3}
+    expected = sliding_window_probability(predictor.model, image, **options)  # also makes the cached weight
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pending = start_probability(predictor.model, image, **options)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    np.testing.assert_array_equal(pending.result(), expected)
 
 
 def test_predict_wsi_on_cuda_matches_the_cpu(tmp_path):

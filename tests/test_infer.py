@@ -9,7 +9,7 @@ from make_slide import DarkStandIn, stand_in_predictor
 from PIL import Image
 from skimage.draw import disk
 
-from cdcl.infer import gaussian_weight, predict_instances, sliding_window_probability, window_starts
+from cdcl.infer import gaussian_weight, predict_instances, sliding_window_probability, window_starts, windows_per_batch
 
 
 def expected_probability(model: torch.nn.Module, image: np.ndarray) -> np.ndarray:
@@ -65,6 +65,13 @@ def test_window_starts_cover_the_length_and_end_flush() -> None:
     assert window_starts(256, 256, 0.25) == [0]
     assert window_starts(300, 128, 0.25) == [0, 96, 172]
     assert window_starts(320, 128, 0.5) == [0, 64, 128, 192]
+
+
+def test_windows_per_batch_asked_for_else_configured_and_at_least_16_on_cuda() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda:0")
+    assert [windows_per_batch(None, n, cpu) for n in (1, 4, 32)] == [1, 4, 32]
+    assert [windows_per_batch(None, n, cuda) for n in (1, 4, 32)] == [16, 16, 32]
+    assert windows_per_batch(2, 4, cuda) == windows_per_batch(2, 4, cpu) == 2
 
 
 @pytest.mark.parametrize("window,overlap,batch_size", [(128, 0.25, 1), (128, 0.5, 3), (64, 0.25, 16), (256, 0.0, 4)])

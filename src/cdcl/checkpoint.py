@@ -82,8 +82,10 @@ def model_from_checkpoint(payload: dict[str, Any], path: str | Path, weights: st
 
 
 def load_predictor(path: str | Path, device: str = "auto", batch_size: int | None = None) -> Predictor:
-    """Build a ready-to-run ``Predictor`` from a checkpoint file."""
+    """Build a ready-to-run ``Predictor`` from a checkpoint file; ``batch_size``: windows per forward pass (None:
+    :func:`cdcl.infer.windows_per_batch`)."""
     from cdcl.config import config_from_dict
+    from cdcl.infer import windows_per_batch
     from cdcl.postprocess import PostprocessParams
     from cdcl.runtime import resolve_device
 
@@ -96,5 +98,5 @@ def load_predictor(path: str | Path, device: str = "auto", batch_size: int | Non
     dev = resolve_device(device)
     model = model_from_checkpoint(payload, path).to(dev).eval()
     return Predictor(model=model, device=dev, postprocess=params, mpp=config.data.mpp, window=config.infer.window,
-                     overlap=config.infer.overlap, batch_size=batch_size or config.infer.batch_size,
+                     overlap=config.infer.overlap, batch_size=windows_per_batch(batch_size, config.infer.batch_size, dev),
                      amp=config.train.amp and dev.type == "cuda", config=config)

@@ -32,7 +32,7 @@ def _add_format(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: from checkpoint)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: the checkpoint's, at least 16 on CUDA)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ image size. Inference never imports training code: the model comes from ``cdcl.c
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,17 @@ if TYPE_CHECKING:
 
 MULTIPLE = 32  # the encoder's total stride: network inputs must be multiples of it
 STITCH_ON_DEVICE_PIXELS = 4096 * 4096  # larger (padded) images are blended in CPU memory: ~130 MB of device memory
+CUDA_WINDOWS_PER_BATCH = 16  # fewest windows per forward pass on CUDA when none are asked for (windows_per_batch)
+
+
+def windows_per_batch(requested: int | None, configured: int, device: torch.device) -> int:
+    """Windows per forward pass: ``requested`` (``--batch-size``) when given, else the config's
+    ``infer.batch_size``, raised to 16 on CUDA. There the host's time to launch a pass, not the device's to run
+    it, sets the pace: 16 windows ran predict-wsi 1.2-1.85x faster than the cpu-small preset's 4 on an H200
+    (``benchmarks/results/wsi_memory_h200_compare.md``). On a CPU 4 to 12 run at the same speed."""
+    if requested is not None:
+        return requested
+    return max(configured, CUDA_WINDOWS_PER_BATCH) if device.type == "cuda" else configured
 
 
 def gaussian_weight(window: int | tuple[int, int], sigma_scale: float = 0.125) -> np.ndarray:
@@ -34,6 +46,22 @@ def gaussian_weight(window: int | tuple[int, int], sigma_scale: float = 0.125) -
     height, width = (window, window) if isinstance(window, int) else window
     axes = [np.exp(-0.5 * ((np.arange(n) - (n - 1) / 2) / (sigma_scale * n)) ** 2) for n in (height, width)]
     return np.outer(*axes).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _weight_on(device: torch.device, height: int, width: int) -> torch.Tensor:
+    """:func:`gaussian_weight` on ``device``, made once: copying it from pageable host memory for every image
+    would stall the host until the device finished all the work queued before it."""
+    return torch.from_numpy(gaussian_weight((height, width))).to(device)
+
+
+def _upload(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``pixels`` on ``device``. To CUDA through pinned memory and without waiting: from pageable memory CUDA
+    first waits for everything queued on the stream (the previous tile's forward pass, which the caller queued
+    ahead on purpose). The pinned buffer is not reused before the copy has run (PyTorch's host allocator)."""
+    if device.type != "cuda":
+        return pixels.to(device)
+    return pixels.pin_memory().to(device, non_blocking=True)
 
 
 def window_starts(length: int, window: int, overlap: float) -> list[int]:
@@ -125,9 +153,8 @@ def start_probability(
     padded = pad_to(image, win_h, win_w)
     device = torch.device(device) if device is not None else _model_device(model)
     stitch = device if padded.shape[0] * padded.shape[1] <= STITCH_ON_DEVICE_PIXELS else torch.device("cpu")
-    pixels = torch.from_numpy(padded if padded.flags.writeable else padded.copy()).to(stitch)  # torch wants writable
-    weight = torch.from_numpy(gaussian_weight((win_h, win_w))).to(device)
-    weight_stitch = weight.to(stitch)
+    pixels = _upload(torch.from_numpy(padded if padded.flags.writeable else padded.copy()), stitch)  # torch wants writable
+    weight, weight_stitch = _weight_on(device, win_h, win_w), _weight_on(stitch, win_h, win_w)
     acc = torch.zeros(padded.shape[:2], dtype=torch.float32, device=stitch)
     norm = torch.zeros_like(acc)
     with torch.inference_mode(), autocast(device, amp):

@@ -33,7 +33,7 @@ from cdcl.data import load_dataset
 from cdcl.data.loaders import LabeledSet, UnlabeledSet, stream_loader
 from cdcl.data.splits import read_split_file
 from cdcl.errors import CdclError
-from cdcl.infer import sliding_window_probability
+from cdcl.infer import sliding_window_probability, windows_per_batch
 from cdcl.io import ensure_writable_dir, remove_leftover_temporaries, write_text_atomic
 from cdcl.losses import ema_alpha
 from cdcl.methods import build_method
@@ -160,7 +160,8 @@ def predict_probabilities(model: nn.Module, items: list, config: Config, device:
     was_training = model.training
     model.eval()
     i = config.infer
-    probs = [sliding_window_probability(model, it.image, window=i.window, overlap=i.overlap, batch_size=i.batch_size,
+    probs = [sliding_window_probability(model, it.image, window=i.window, overlap=i.overlap,
+                                        batch_size=windows_per_batch(None, i.batch_size, device),
                                         device=device, amp=config.train.amp and device.type == "cuda") for it in items]
     model.train(was_training)
     return probs
