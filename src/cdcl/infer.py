@@ -31,7 +31,7 @@ CUDA_WINDOWS_PER_BATCH = 16  # fewest windows per forward pass on CUDA when none
 def windows_per_batch(requested: int | None, configured: int, device: torch.device) -> int:
     """Windows per forward pass: ``requested`` (``--batch-size``) when given, else the config's
     ``infer.batch_size``, raised to 16 on CUDA. There the host's time to launch a pass, not the device's to run
-    it, sets the pace: 16 windows ran predict-wsi 1.2-1.85x faster than the cpu-small preset's 4 on an H200
+    it, sets the pace: 16 windows ran predict-wsi 1.2-1.5x faster than the cpu-small preset's 4 on an H200
     (``benchmarks/results/wsi_memory_h200_compare.md``)."""
     if requested is not None:
         return requested
