@@ -3,6 +3,7 @@ non-finite value, and degenerate unlabeled batches give 0 for the terms that hav
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,6 +115,14 @@ def test_nan_in_a_batch_is_skipped_and_counted(tiny, tmp_path, monkeypatch, reco
         assert len(last["method_state"]["bank"]["embeddings"]) > 0
 
 
+def test_a_skipped_step_at_a_validation_boundary_still_validates_and_saves(tiny, tmp_path, monkeypatch):
+    poison_batch(monkeypatch, at_step=1)  # iteration 2; train.val_every=2
+    train(config(tiny, **{"train.on_nonfinite": "skip"}), tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if "val/dice" in r] == [2, 4]
+    assert [r["iteration"] for r in rows if "loss/total" in r] == [1, 3, 4]  # nothing to average at 2
+
+
 def test_too_many_skipped_steps_stop(tiny, tmp_path, monkeypatch, record):
     original = Supervised.losses
 
@@ -125,8 +134,10 @@ def test_too_many_skipped_steps_stop(tiny, tmp_path, monkeypatch, record):
     with pytest.raises(CdclError, match="non-finite loss at iteration 3") as err:
         train(config(tiny, **{"train.on_nonfinite": "skip", "train.max_skipped": 2}), tmp_path)
     record("train (in-process)", "NaN loss at every step (train.on_nonfinite=skip, train.max_skipped=2)", None,
-           "stops after 2 skips", message=str(err.value), outcome="stopped at the third; no checkpoint written")
-    assert not list(tmp_path.glob("*.pt"))
+           "stops after 2 skips", message=str(err.value),
+           outcome="stopped at the third; the checkpoints of iteration 2 (a validation step) hold the initial weights, finite")
+    assert finite_checkpoints(tmp_path) == {"best.pt": 2, "last.pt": 2}
+    assert load_checkpoint(tmp_path / "last.pt")["skipped"] == 2
 
 
 def test_non_finite_statistics_are_never_saved(tiny, tmp_path, monkeypatch, record):

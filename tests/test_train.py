@@ -55,6 +55,21 @@ def test_cdcl_contrastive_stats_are_logged(tiny, tmp_path):
     assert last["loss/contr"] > 0
 
 
+def test_a_log_window_across_the_end_of_warm_up_averages_each_term_over_its_own_steps(tiny, tmp_path):
+    """Iterations 1-2 are warm-up (supervised only), so a window of iterations 1-3 holds one step of each
+    unlabeled term: its logged value must be that step's, as logged with a window of one."""
+    data, split = tiny
+    logged = {}
+    for every in (1, 3):
+        run = tmp_path / f"every{every}"
+        train(load_config(None, tiny_overrides(data, split, "cdcl", iterations=3, **{"method.threshold": 0.0,
+                                                                                    "train.log_every": every})), run)
+        logged[every] = next(r for r in records(run) if r["iteration"] == 3 and "loss/total" in r)
+    for key in ("loss/cons", "loss/ent", "loss/contr", "stat/n_anchors"):
+        assert logged[3][key] == pytest.approx(logged[1][key], rel=1e-6), key
+    assert logged[3]["loss/sup"] != pytest.approx(logged[1]["loss/sup"])  # the mean of three steps
+
+
 class Interrupt(Exception):
     pass
 
@@ -154,3 +169,32 @@ def test_ddp_two_processes_on_cpu(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     payload = load_checkpoint(tmp_path / "run" / "last.pt")
     assert payload["step"] == 3 and payload["complete"]
+
+
+def test_ddp_skips_a_step_on_every_process_when_one_meets_a_nan(tiny, tmp_path):
+    """Were only the process with the NaN to skip, the other's gradient all-reduce would wait for it forever."""
+    data, split = tiny
+    sets = [a for s in tiny_overrides(data, split, "supervised", iterations=4, **{"train.on_nonfinite": "skip"}) for a in ("--set", s)]
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(
+        "import math, os, sys\n"
+        "from cdcl.methods.supervised import Supervised\n"
+        "from cdcl.cli import main\n"
+        "losses = Supervised.losses\n"
+        "def poisoned(self, *args):\n"
+        "    terms = losses(self, *args)\n"
+        "    if args[-1] == 1 and os.environ['RANK'] == '1':\n"
+        "        terms['total'] = terms['total'] * math.nan\n"
+        "    return terms\n"
+        "Supervised.losses = poisoned\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+                           str(script), "train", "--config", str(cfg), "--out", str(tmp_path / "run"), *sets],
+                          capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "skipping iteration 2" in proc.stderr
+    payload = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert payload["step"] == 4 and payload["skipped"] == 1 and payload["complete"]

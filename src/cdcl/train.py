@@ -308,6 +308,7 @@ class Trainer:
             student = nn.parallel.DistributedDataParallel(self.student, find_unused_parameters=True)
         lab_iter, unl_iter = self._loaders()
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        counts: dict[str, int] = defaultdict(int)  # terms that start after warm-up are averaged over their own steps
         n_images, t0, n_steps = 0, time.perf_counter(), 0
         self.student.train()
         # closed (its line ended) before any error propagates, so the error is stderr's own last line
@@ -325,31 +326,33 @@ class Trainer:
                 before = self._state_before_step() if cfg.train.on_nonfinite == "skip" else None
                 with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                     terms = self.method.losses(student, self.teacher, labeled, unlabeled, self.step)
-                if not torch.isfinite(terms["total"]):
-                    self._nonfinite(terms, before)
-                    continue
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(terms["total"]).backward()
-                if cfg.optim.grad_clip > 0:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                update_ema(self.teacher, self.student, self.step, cfg.method.ema_decay)
-                self.step += 1
-                n_steps += 1
-                n_images += labeled["image"].shape[0] + (0 if unlabeled is None else unlabeled["weak"].shape[0])
-                for k, v in terms.items():
-                    sums[k] = sums[k] + v.detach().float()
+                if self._finite_everywhere(terms["total"]):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.scaler.scale(terms["total"]).backward()
+                    if cfg.optim.grad_clip > 0:
+                        self.scaler.unscale_(self.optimizer)
+                        torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.grad_clip)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    update_ema(self.teacher, self.student, self.step, cfg.method.ema_decay)
+                    self.step += 1
+                    n_steps += 1
+                    n_images += labeled["image"].shape[0] + (0 if unlabeled is None else unlabeled["weak"].shape[0])
+                    for k, v in terms.items():
+                        sums[k] = sums[k] + v.detach().float()
+                        counts[k] += 1
+                else:
+                    self._nonfinite(terms, before)  # counts the step, as a resumed run does
                 bar.update(1)
-                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.iterations:
+                if (self.step % cfg.train.log_every == 0 or self.step == cfg.train.iterations) and n_steps:
                     elapsed = time.perf_counter() - t0
                     record = {"iteration": self.step, "lr": lr, "images_per_s": n_images / max(elapsed, 1e-9),
-                              "s_per_iter": elapsed / max(n_steps, 1)}
-                    record.update({(k if k.startswith("stat/") else f"loss/{k}"): float(v) / n_steps for k, v in sums.items()})
+                              "s_per_iter": elapsed / n_steps}
+                    record.update({(k if k.startswith("stat/") else f"loss/{k}"): float(v) / counts[k] for k, v in sums.items()})
                     bar.set_postfix(loss=f"{record['loss/total']:.3f}")
                     self._log(record)
                     sums.clear()
+                    counts.clear()
                     n_images, n_steps, t0 = 0, 0, time.perf_counter()
                 if self.step % cfg.train.val_every == 0 or self.step == cfg.train.iterations:
                     self._validate_and_save()
@@ -357,6 +360,14 @@ class Trainer:
             dist.barrier()
         self._finish()
         return self.summary()
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every process: one process skipping a step its peers take would leave
+        their gradient all-reduces waiting for it forever."""
+        finite = torch.isfinite(loss.detach()).to(torch.int32)
+        if self.dist.enabled:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite)
 
     def _state_before_step(self) -> tuple[list[torch.Tensor], dict[str, Any]]:
         """What a forward pass changes besides the weights: batch-norm statistics and the method's state (CDCL's
