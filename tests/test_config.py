@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from cdcl.config import PRESETS, config_from_dict, dump_config, load_config, parse_override
@@ -49,10 +51,20 @@ def test_parse_override_nested_and_typed():
     ("infer.window=100", "multiple of 32"),
     ("preset=huge", "unknown preset 'huge'"),
     ("augment.scale=[2, 1]", "config section 'augment'"),
+    ("model.dropout=1.5", "model.dropout must be in [0, 1)"),
+    ("data.num_workers=-1", "data.num_workers must be >= 0"),
+    ("method.w_ent=-0.1", "method.w_cons, method.w_ent and method.w_contr must be >= 0"),
+    ("method.bank_capacity=-1", "method.bank_capacity must be >= 0"),
 ])
 def test_bad_values_name_the_key(override, message):
-    with pytest.raises(CdclError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(CdclError, match=re.escape(message)):
         load_config(None, [override])
+
+
+def test_sgd_needs_momentum():
+    assert load_config(None, ["optim.name=sgd"]).optim.momentum > 0
+    with pytest.raises(CdclError, match="optim.momentum must be > 0 with optim.name=sgd"):
+        load_config(None, ["optim.name=sgd", "optim.momentum=0"])
 
 
 def test_file_errors_name_the_file(tmp_path):

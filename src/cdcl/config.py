@@ -48,8 +48,8 @@ class ModelConfig:
 class MethodConfig:
     name: str = "supervised"  # supervised | mean_teacher | fixmatch | cdcl
     ema_decay: float = 0.99  # teacher = EMA of the student, alpha_t = min(1 - 1/(t+1), ema_decay)
-    warmup_iters: int = 0  # supervised-only iterations before unlabeled terms start (paper: epoch_semi)
-    ramp_iters: int = 1000  # sigmoid ramp-up length of the consistency weight, counted after warm-up
+    warmup_iters: int = 200  # supervised-only iterations before unlabeled terms start (paper: epoch_semi)
+    ramp_iters: int = 400  # sigmoid ramp-up length of the consistency weight, counted after warm-up
     threshold: float = 0.9  # teacher confidence needed for a pixel's pseudo-label to count
     w_cons: float = 1.0  # consistency (or FixMatch pseudo-label) weight at the end of the ramp
     w_ent: float = 0.05  # entropy-minimisation weight (cdcl)
@@ -61,7 +61,7 @@ class MethodConfig:
     patch_filter: bool = True  # only background/foreground-dominant patches give anchors
     pseudo_label_filter: bool = True  # only teacher-confident pixels become anchors and bank entries
     use_bank: bool = True  # cross-iteration memory bank; False = negatives from the current batch only
-    bank_capacity: int = 4  # iterations kept in the memory bank
+    bank_capacity: int = 4  # earlier iterations kept in the memory bank, besides the current one
     num_anchors: int = 1024  # anchors sampled per step (<= 0: every anchor pixel, exact mode)
     num_bank_samples: int = 2048  # student and teacher entries each pushed per step (<= 0: all)
     anchor_source: str = "student"  # labels/ratios of anchors from the "student" (release) or "teacher"
@@ -270,6 +270,11 @@ def validate(config: Config) -> None:
     """Cross-field checks that a type annotation cannot express."""
     m, o, t = config.method, config.optim, config.train
     checks = [
+        (0.0 <= config.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
+        (config.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (min(m.w_cons, m.w_ent, m.w_contr) >= 0, "method.w_cons, method.w_ent and method.w_contr must be >= 0"),
+        (m.warmup_iters >= 0 and m.bank_capacity >= 0, "method.warmup_iters and method.bank_capacity must be >= 0"),
+        (o.name != "sgd" or o.momentum > 0, "optim.momentum must be > 0 with optim.name=sgd (Nesterov momentum)"),
         (m.name in METHODS, f"method.name must be one of {', '.join(METHODS)}, got '{m.name}'"),
         (config.data.format in ("folder", "monuseg", "dsb2018"), f"data.format '{config.data.format}' is not folder, monuseg or dsb2018"),
         (0.0 <= m.threshold < 1.0, "method.threshold must be in [0, 1)"),

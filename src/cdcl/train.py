@@ -1,8 +1,9 @@
 """The one training engine for every method: loaders, EMA teacher, AMP, clipping, validation, checkpoints.
 
-Re-running the same command on a run folder resumes from ``last.pt``: batches, augmentations, anchor
-sampling and dropout are all seeded by the iteration, so on CPU in deterministic mode a resumed run ends
-with the same weights as an uninterrupted one. Under ``torchrun`` the student is wrapped in
+Re-running the same command on a run folder resumes from ``last.pt``: batches, augmentations and anchor
+sampling are seeded by the iteration, and the CPU random state (dropout) is restored from the checkpoint, so on
+CPU in deterministic mode a resumed run ends with the same weights as an uninterrupted one (the CUDA random
+state is not saved: a GPU resume is not exact). Under ``torchrun`` the student is wrapped in
 DistributedDataParallel (the EMA teacher stays outside it); without a launcher it is one plain process.
 """
 

@@ -42,7 +42,7 @@ class SeededStreamSampler(Sampler):
 
 
 class _ImageCache:
-    """Bounded per-worker cache of decoded images (tiles share their source image's decode cost)."""
+    """Bounded per-worker cache of decoded items (images, masks; a tile caches its crop), each decoded once per worker."""
 
     def __init__(self, max_bytes: int = 1 << 30) -> None:
         self.max_bytes, self.bytes, self.entries = max_bytes, 0, OrderedDict()
