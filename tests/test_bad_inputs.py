@@ -549,6 +549,9 @@ SLIDE_CASES = {
     "png-as-slide": ("a PNG tile renamed .svs", ("slide.svs", "cannot read slide")),
     "truncated-slide": ("pyramidal TIFF cut to 60% of its bytes", ("slide.tif", "of the slide: damaged file?")),
     "no-mpp": ("pyramidal TIFF without resolution, no --mpp", ("slide.tif", "pass --mpp")),
+    "72-dpi-slide": ("pyramidal TIFF whose resolution tags say 72 dpi (352.8 um/px)", ("slide.tif", "implausible resolution")),
+    "too-coarse-slide": ("pyramidal TIFF at 4 um/px for a model trained at 0.5", ("slide.tif", "more than 4x coarser")),
+    "infinite-mpp": ("--mpp inf", ("--mpp must be between",)),
     "blank-slide": ("all-white pyramidal TIFF", ("slide.tif", "no tissue found")),
     "missing-slide": ("slide path that does not exist", ("slide.tif", "slide file not found")),
     "damaged-tile": ("pyramidal TIFF with one level-0 tile's compressed bytes overwritten",
@@ -556,10 +559,21 @@ SLIDE_CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def half_micron_checkpoint(world, tmp_path_factory) -> Path:
+    """The world's checkpoint, marked as trained at 0.5 microns per pixel (the slides' level 0)."""
+    payload = load_checkpoint(world.checkpoint)
+    payload["config"] = {**payload["config"], "data": {**payload["config"]["data"], "mpp": 0.5}}
+    path = tmp_path_factory.mktemp("mpp") / "half_micron.pt"
+    save_checkpoint(path, {k: v for k, v in payload.items() if k != "format"})
+    return path
+
+
 @pytest.mark.parametrize("case", list(SLIDE_CASES))
-def test_predict_wsi_refuses_what_is_not_a_usable_slide(world, tmp_path, record, case):
+def test_predict_wsi_refuses_what_is_not_a_usable_slide(world, half_micron_checkpoint, tmp_path, record, case):
     given, mentions = SLIDE_CASES[case]
-    slide = tmp_path / mentions[0]
+    slide = tmp_path / "slide.tif" if case == "infinite-mpp" else tmp_path / mentions[0]
+    extra = ["--mpp", "inf"] if case == "infinite-mpp" else []
     if case == "text-as-slide":
         slide.write_text("not a slide\n")
     elif case == "zero-byte-slide":
@@ -571,14 +585,29 @@ def test_predict_wsi_refuses_what_is_not_a_usable_slide(world, tmp_path, record,
         truncate(slide, 0.6)
     elif case == "no-mpp":
         write_slide(slide, mpp=None)
+    elif case == "72-dpi-slide":
+        write_slide(slide, mpp=25400 / 72)
+    elif case == "too-coarse-slide":
+        write_slide(slide, mpp=4.0)
+    elif case == "infinite-mpp":
+        write_slide(slide)
     elif case == "blank-slide":
         write_pyramid(slide, np.full((512, 512, 3), 255, np.uint8), mpp=0.5)
     elif case == "damaged-tile":
         damage_a_tile(write_slide(slide))
     out = tmp_path / "out"
-    result = run_cdcl(*wsi_args(world.checkpoint, slide, out))
+    result = run_cdcl(*wsi_args(half_micron_checkpoint, slide, out), *extra)
     record("predict-wsi", given, result, "exit 2")
     assert_refused(result, *mentions, out=out)
+
+
+def test_predict_wsi_with_a_model_without_resolution_needs_none_from_the_slide(world, tmp_path):
+    """A checkpoint that stores no microns per pixel (trained on a folder of tiles) predicts at level 0."""
+    slide = write_slide(tmp_path / "slide.tif", mpp=None)
+    result = run_cdcl(*wsi_args(world.checkpoint, slide, tmp_path / "out"))
+    assert_ok(result)
+    summary = json.loads((tmp_path / "out" / "slide_summary.json").read_text())
+    assert summary["level"] == 0 and summary["slide_mpp"] is None and summary["nuclei"] > 0
 
 
 def damage_a_tile(slide: Path) -> None:

@@ -43,3 +43,11 @@ def test_output_folder_under_a_file_is_refused(tmp_path):
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(CdclError, match="cannot create output folder"):
         ensure_writable_dir(tmp_path / "file.txt" / "out")
+
+
+def test_an_output_name_taken_by_a_folder_is_a_one_line_error(tmp_path):
+    (tmp_path / "labels.png").mkdir()
+    with pytest.raises(CdclError, match="cannot write the output") as err:
+        write_json_atomic(tmp_path / "labels.png", {"a": 1})
+    assert str(tmp_path / "labels.png") in str(err.value)
+    assert (tmp_path / "labels.png").is_dir() and not list(tmp_path.glob(".labels.png.*"))

@@ -31,7 +31,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
+        try:
+            os.replace(tmp_path, path)
+        except OSError as exc:  # e.g. a folder already has the output's name
+            raise CdclError(f"cannot write the output ({exc.strerror or type(exc).__name__})", path) from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

@@ -29,6 +29,8 @@ from cdcl.postprocess import instances_from_probability
 
 BACKGROUND = (255, 255, 255)
 RESIDUAL_TOLERANCE = 0.10  # a level within 10% of the target resolution is used without resizing
+PLAUSIBLE_MPP = (0.01, 50.0)  # microns per pixel: 1000x to 0.2x objectives; outside, the metadata is wrong
+MAX_UPSAMPLING = 4  # a slide needing more enlargement to reach the model's resolution holds too little detail
 SATURATION_BOUNDS = (0.04, 0.15)  # Otsu's saturation threshold is clamped into this range (see tissue_mask)
 
 
@@ -157,13 +159,14 @@ class ArrayReader:
         return self
 
 
-def open_slide(path: str | Path, mpp_override: float | None = None) -> FileSlideReader:
-    """Open with OpenSlide, else tiffslide; unreadable files and missing resolution are one-line CdclErrors."""
+def open_slide(path: str | Path, mpp_override: float | None = None, need_mpp: bool = True) -> FileSlideReader:
+    """Open with OpenSlide, else tiffslide; unreadable files and a missing or implausible resolution (when
+    ``need_mpp``: the model has one to match) are one-line CdclErrors."""
     path = Path(path)
     if not path.is_file():
         raise CdclError("slide file not found", path)
-    if mpp_override is not None and not mpp_override > 0:
-        raise CdclError(f"--mpp must be positive, got {mpp_override}")
+    if mpp_override is not None and not PLAUSIBLE_MPP[0] <= mpp_override <= PLAUSIBLE_MPP[1]:
+        raise CdclError(f"--mpp must be between {PLAUSIBLE_MPP[0]} and {PLAUSIBLE_MPP[1]} microns per pixel, got {mpp_override}")
     failures = []
     for backend in ("openslide", "tiffslide"):
         try:
@@ -173,8 +176,11 @@ def open_slide(path: str | Path, mpp_override: float | None = None) -> FileSlide
             failures.append(f"{backend}: {' '.join(str(exc).split())[:120] or type(exc).__name__}")
     else:
         raise CdclError(f"cannot read slide ({'; '.join(failures)})", path)
-    if reader.mpp is None or not reader.mpp > 0:
+    if need_mpp and (reader.mpp is None or not reader.mpp > 0):
         raise CdclError("no resolution metadata (microns per pixel) in the slide; pass --mpp", path)
+    if need_mpp and not PLAUSIBLE_MPP[0] <= reader.mpp <= PLAUSIBLE_MPP[1]:
+        raise CdclError(f"implausible resolution in the slide's metadata: {reader.mpp:.4g} microns per pixel (a "
+                        "default 72 dpi header?); pass --mpp", path)
     return reader
 
 
@@ -188,6 +194,9 @@ def choose_level(reader: SlideReader, target_mpp: float | None) -> tuple[int, fl
     finer = [i for i, m in enumerate(mpps) if m <= target_mpp * (1 + RESIDUAL_TOLERANCE)]
     level = max(finer, key=mpps.__getitem__) if finer else 0
     residual = target_mpp / mpps[level]
+    if residual < 1 / MAX_UPSAMPLING:
+        raise CdclError(f"the slide's {reader.mpp:.4g} microns per pixel are more than {MAX_UPSAMPLING}x coarser than the "
+                        f"model's {target_mpp:.4g}: scanned at too low a magnification for it (or wrong --mpp)", reader.name)
     return level, 1.0 if abs(residual - 1) <= RESIDUAL_TOLERANCE else residual
 
 

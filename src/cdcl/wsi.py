@@ -300,8 +300,11 @@ def run(args: argparse.Namespace) -> int:
     if args.halo < 0 or (args.workers is not None and args.workers < 0) or (args.batch_size is not None and args.batch_size < 1):
         raise CdclError("--halo and --workers must be >= 0 and --batch-size >= 1")
     out_dir = ensure_writable_dir(args.out)
-    reader = open_slide(args.slide, args.mpp)
     predictor = load_predictor(args.checkpoint, device=args.device, batch_size=args.batch_size)
+    if predictor.mpp is None:
+        log.info("the checkpoint stores no training resolution: predicting at the slide's level 0%s",
+                 " (--mpp only reported)" if args.mpp is not None else "")
+    reader = open_slide(args.slide, args.mpp, need_mpp=predictor.mpp is not None)
     run_key = {"slide": _file_key(args.slide), "checkpoint": _file_key(args.checkpoint), "mpp": reader.mpp}
     summary = predict_slide(predictor, reader, out_dir, stem=Path(args.slide).stem, tile=args.tile, halo=args.halo,
                             workers=args.workers, run_key=run_key)
