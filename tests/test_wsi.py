@@ -75,6 +75,19 @@ def test_two_slides_share_an_output_folder(tmp_path, disc_slide) -> None:
     assert {p.suffix for p in tmp_path.iterdir()} == {".geojson", ".csv", ".png", ".json"} and len(list(tmp_path.iterdir())) == 8
 
 
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tmp_path, disc_slide) -> None:
+    """Both would append the same tiles to one journal: each nucleus would be listed twice."""
+    import fcntl
+
+    with open(tmp_path / ".discs.lock", "a") as held:  # as the first run holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(CdclError, match="another cdcl predict-wsi is writing the outputs of 'discs' in this folder"):
+            run_seam_slide(disc_slide, tmp_path)
+    assert not (tmp_path / "discs.partial").exists()
+    assert run_seam_slide(disc_slide, tmp_path)["nuclei"] == len(DISCS)  # once it is released
+    assert not (tmp_path / ".discs.lock").exists()
+
+
 @pytest.mark.parametrize("shared_memory", [True, False])
 def test_worker_processes_give_the_same_result(tmp_path, disc_slide, monkeypatch, caplog, shared_memory) -> None:
     """Inline, and with workers fed through shared memory or (a full /dev/shm) through the pool's pipe."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import functools
 import json
 import logging
@@ -238,6 +239,26 @@ def write_outputs(journal: Journal, out_dir: Path, stem: str, thumbnail: np.ndar
     return count
 
 
+@contextlib.contextmanager
+def only_run(out_dir: Path, stem: str) -> Iterator[None]:
+    """Hold ``<out>/.<stem>.lock`` for the run: a second run of the same slide into the same folder would append
+    the same tiles to the journal, and the outputs would list their nuclei twice. It is refused instead."""
+    lock = out_dir / f".{stem}.lock"
+    with open(lock, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked_file_is_current = os.fstat(fh.fileno()).st_ino == os.stat(lock).st_ino  # not one a finished run removed
+        except (BlockingIOError, FileNotFoundError):
+            locked_file_is_current = False
+        if not locked_file_is_current:
+            raise CdclError(f"another cdcl predict-wsi is writing the outputs of '{stem}' in this folder; wait for it "
+                            "to finish or pass another --out", out_dir)
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+
 def predict_slide(
     predictor: Predictor,
     reader: SlideReader,
@@ -255,35 +276,36 @@ def predict_slide(
     start = time.perf_counter()
     workers = default_workers(predictor.device) if workers is None else workers
     out_dir = ensure_writable_dir(out_dir)
-    with _start_pool(workers) as pool:  # its workers start while the slide is opened and its tissue found
-        level, residual = choose_level(reader, predictor.mpp)
-        grid = Grid.for_slide(reader, level, residual, tile, halo)
-        thumbnail = reader.thumbnail(THUMB_SIDE)
-        tiles = tissue_tiles(grid, tissue_mask(thumbnail, reader.name), reader.dimensions[0])
-        key = {"cdcl": __version__, **(run_key or {}), "level": level, "residual": residual, "tile": tile, "halo": halo,
-               "tiles": [index for index, _ in tiles]}
-        journal = Journal(out_dir / f"{stem}.partial", key)
-        todo = [t for t in tiles if t[0] not in journal.finished]
-        working_mpp = None if reader.mpp is None else reader.mpp * grid.scale
-        log.info("%s: %dx%d px, level %d resized x%.3g (%s um/px), %d of %d tiles have tissue, %d already done",
-                 reader.name, *reader.dimensions, level, 1 / residual, f"{working_mpp:.3g}" if working_mpp else "?",
-                 len(tiles), len(grid.cores()), len(tiles) - len(todo))
-        predict_start = time.perf_counter()
-        with tqdm(total=len(tiles), initial=len(tiles) - len(todo), desc=stem, unit="tile", disable=None) as bar:
-            _predict_tiles(predictor, reader, grid, todo, journal, pool, workers, bar)
-        predict_seconds = time.perf_counter() - predict_start
-    n_nuclei = write_outputs(journal, out_dir, stem, thumbnail, reader.dimensions[0])
-    megapixels = sum((x1 - x0) * (y1 - y0) for _, (x0, y0, x1, y1) in todo) / 1e6
-    summary = {
-        "slide": reader.name, "level0_size": list(reader.dimensions), "slide_mpp": reader.mpp, "level": level,
-        "working_mpp": working_mpp, "level0_px_per_working_px": grid.scale, "tile": tile, "halo": halo, "workers": workers,
-        "tiles": {"grid": len(grid.cores()), "tissue": len(tiles), "predicted_now": len(todo), "resumed": len(tiles) - len(todo)},
-        "nuclei": n_nuclei, "seconds_predict": round(predict_seconds, 3),
-        "seconds": round(time.perf_counter() - start, 3), "megapixels_predicted": round(megapixels, 3),
-        "megapixels_per_s": round(megapixels / predict_seconds, 3) if todo else None,
-    }
-    write_json_atomic(out_dir / f"{stem}_summary.json", summary)
-    shutil.rmtree(journal.folder)
+    with only_run(out_dir, stem):  # the lock covers the outputs too
+        with _start_pool(workers) as pool:  # its workers start while the slide is opened and its tissue found
+            level, residual = choose_level(reader, predictor.mpp)
+            grid = Grid.for_slide(reader, level, residual, tile, halo)
+            thumbnail = reader.thumbnail(THUMB_SIDE)
+            tiles = tissue_tiles(grid, tissue_mask(thumbnail, reader.name), reader.dimensions[0])
+            key = {"cdcl": __version__, **(run_key or {}), "level": level, "residual": residual, "tile": tile, "halo": halo,
+                   "tiles": [index for index, _ in tiles]}
+            journal = Journal(out_dir / f"{stem}.partial", key)
+            todo = [t for t in tiles if t[0] not in journal.finished]
+            working_mpp = None if reader.mpp is None else reader.mpp * grid.scale
+            log.info("%s: %dx%d px, level %d resized x%.3g (%s um/px), %d of %d tiles have tissue, %d already done",
+                     reader.name, *reader.dimensions, level, 1 / residual, f"{working_mpp:.3g}" if working_mpp else "?",
+                     len(tiles), len(grid.cores()), len(tiles) - len(todo))
+            predict_start = time.perf_counter()
+            with tqdm(total=len(tiles), initial=len(tiles) - len(todo), desc=stem, unit="tile", disable=None) as bar:
+                _predict_tiles(predictor, reader, grid, todo, journal, pool, workers, bar)
+            predict_seconds = time.perf_counter() - predict_start
+        n_nuclei = write_outputs(journal, out_dir, stem, thumbnail, reader.dimensions[0])
+        megapixels = sum((x1 - x0) * (y1 - y0) for _, (x0, y0, x1, y1) in todo) / 1e6
+        summary = {
+            "slide": reader.name, "level0_size": list(reader.dimensions), "slide_mpp": reader.mpp, "level": level,
+            "working_mpp": working_mpp, "level0_px_per_working_px": grid.scale, "tile": tile, "halo": halo, "workers": workers,
+            "tiles": {"grid": len(grid.cores()), "tissue": len(tiles), "predicted_now": len(todo), "resumed": len(tiles) - len(todo)},
+            "nuclei": n_nuclei, "seconds_predict": round(predict_seconds, 3),
+            "seconds": round(time.perf_counter() - start, 3), "megapixels_predicted": round(megapixels, 3),
+            "megapixels_per_s": round(megapixels / predict_seconds, 3) if todo else None,
+        }
+        write_json_atomic(out_dir / f"{stem}_summary.json", summary)
+        shutil.rmtree(journal.folder)
     return summary
 
 
