@@ -213,6 +213,22 @@ def test_pyramidal_tiff_reads_through_openslide_with_its_mpp(tmp_path, mosaic) -
     assert max(reader.thumbnail(256).shape[:2]) == 256
 
 
+def test_a_large_level_is_shrunk_to_a_thumbnail_piece_by_piece(tmp_path, mosaic, monkeypatch) -> None:
+    """A slide without small levels must not be decoded whole (OpenSlide's get_thumbnail would): same picture,
+    reads no larger than a chunk."""
+    reader = open_slide(write_pyramid(tmp_path / "slide.tif", mosaic, mpp=0.25))
+    whole = reader.thumbnail(256)
+    reads = []
+    read_region = reader.read_region
+    monkeypatch.setattr(reader, "read_region", lambda *args: reads.append(args[3] * args[4]) or read_region(*args))
+    monkeypatch.setattr("cdcl.slide.THUMBNAIL_CHUNK", 128)  # level 1 (600x500) is now "large"
+    pieces = reader.thumbnail(256)
+    assert len(reads) == 20 and max(reads) <= 128 * 128
+    assert pieces.shape == whole.shape == (213, 256, 3)
+    assert np.abs(pieces.astype(int) - whole).mean() < 4
+    assert (tissue_mask(pieces) == tissue_mask(whole)).mean() > 0.99
+
+
 def test_plain_tiff_falls_back_to_tiffslide_and_needs_mpp(tmp_path, shared_data) -> None:
     source = sorted((shared_data / "monuseg" / "train" / "images").glob("*.tif"))[0]  # strips, no resolution
     with pytest.raises(CdclError, match="pass --mpp"):

@@ -31,6 +31,7 @@ BACKGROUND = (255, 255, 255)
 RESIDUAL_TOLERANCE = 0.10  # a level within 10% of the target resolution is used without resizing
 PLAUSIBLE_MPP = (0.01, 50.0)  # microns per pixel: 1000x to 0.2x objectives; outside, the metadata is wrong
 MAX_UPSAMPLING = 4  # a slide needing more enlargement to reach the model's resolution holds too little detail
+THUMBNAIL_CHUNK = 4096  # a level larger than this squared is shrunk to a thumbnail in pieces of this side
 SATURATION_BOUNDS = (0.04, 0.15)  # Otsu's saturation threshold is clamped into this range (see tissue_mask)
 
 
@@ -112,7 +113,23 @@ class FileSlideReader:
         return _read_within(self.level_dimensions[level], x, y, width, height, fetch)
 
     def thumbnail(self, max_side: int) -> np.ndarray:
-        return self._read("the thumbnail", lambda: self._slide.get_thumbnail((max_side, max_side)))
+        """At most ``max_side`` px per side, from the level the backend would shrink. OpenSlide's
+        ``get_thumbnail`` decodes that whole level at once: fine for a pyramid, but for a slide without small
+        levels the whole slide, so a large level is shrunk piece by piece instead."""
+        level = self._slide.get_best_level_for_downsample(max(self.dimensions) / max_side)
+        width, height = self.level_dimensions[level]
+        if width * height <= THUMBNAIL_CHUNK**2:
+            return self._read("the thumbnail", lambda: self._slide.get_thumbnail((max_side, max_side)))
+        scale = max_side / max(width, height)  # thumbnail px per level px
+        canvas = Image.new("RGB", (max(1, round(width * scale)), max(1, round(height * scale))), BACKGROUND)
+        for y in range(0, height, THUMBNAIL_CHUNK):
+            for x in range(0, width, THUMBNAIL_CHUNK):
+                x1, y1 = min(x + THUMBNAIL_CHUNK, width), min(y + THUMBNAIL_CHUNK, height)
+                box = [round(v * scale) for v in (x, y, x1, y1)]
+                if box[2] > box[0] and box[3] > box[1]:
+                    piece = Image.fromarray(self.read_region(level, x, y, x1 - x, y1 - y))
+                    canvas.paste(piece.resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.BOX), tuple(box[:2]))
+        return np.asarray(canvas)
 
     def _read(self, what: str, read: Callable[[], Image.Image]) -> np.ndarray:
         """A damaged file fails deep inside the backend (OpenSlideError, tifffile, zarr, codecs): one line instead."""
