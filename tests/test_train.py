@@ -147,6 +147,11 @@ def test_cli_bad_inputs_exit_2(tiny, tmp_path, capsys):
     (empty / "labeled.txt").write_text("no_such_item\n")
     assert main(args + sets) == 2
     assert "unknown item" in capsys.readouterr().err
+    labeled = (split / "labeled.txt").read_text()
+    (empty / "labeled.txt").write_text(labeled)
+    (empty / "val.txt").write_text(labeled.splitlines()[0] + "\n")
+    assert main(args + sets) == 2
+    assert f"item '{labeled.splitlines()[0]}' is also trained on" in capsys.readouterr().err
 
 
 def test_resume_refuses_other_architecture(tiny, tmp_path):

@@ -90,9 +90,9 @@ def predict_files(predictor: Predictor, images: list[Path], out_dir: Path, forma
 def run(args: argparse.Namespace) -> int:
     formats = parse_formats(args.formats)
     images = collect_images(args.inputs)
-    out_dir = ensure_writable_dir(args.out)
     if args.batch_size is not None and args.batch_size < 1:
         raise CdclError(f"--batch-size must be at least 1, got {args.batch_size}")
+    out_dir = ensure_writable_dir(args.out)
     predictor = load_predictor(args.checkpoint, device=args.device, batch_size=args.batch_size)
     total = predict_files(predictor, images, out_dir, formats)
     log.info("%d image(s), %d nuclei -> %s", len(images), total, out_dir)

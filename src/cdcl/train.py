@@ -93,7 +93,8 @@ def config_folder(key: str, value: str, hint: str) -> Path:
 
 
 def load_splits(config: Config, needs_unlabeled: bool) -> Splits:
-    """Items named by the split folder; the labeled list must be non-empty and every labeled item annotated."""
+    """Items named by the split folder; the labeled list must be non-empty, every labeled item annotated, and no
+    validation item cut from an image trained on."""
     d = config.data
     root = config_folder("data.root", d.root, "the dataset folder")
     split_dir = config_folder("data.split_dir", d.split_dir, "write one with `cdcl split`")
@@ -118,7 +119,13 @@ def load_splits(config: Config, needs_unlabeled: bool) -> Splits:
     unlabeled = read("unlabeled.txt", False)
     if needs_unlabeled and not unlabeled:
         raise CdclError(f"method '{config.method.name}' needs unlabeled items but the list is empty", split_dir / "unlabeled.txt")
-    return Splits(labeled, unlabeled, read("val.txt", False))
+    val = read("val.txt", False)
+    seen = {it.image_path for it in labeled + unlabeled}
+    leaked = sorted(it.name for it in val if it.image_path in seen)
+    if leaked:
+        raise CdclError(f"item '{leaked[0]}' is also trained on (its image is in labeled.txt or unlabeled.txt; "
+                        f"{len(leaked)} such): validation needs images the model has not seen", split_dir / "val.txt")
+    return Splits(labeled, unlabeled, val)
 
 
 def lr_factor(step: int, config: Config) -> float:

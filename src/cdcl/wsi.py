@@ -327,7 +327,8 @@ def run(args: argparse.Namespace) -> int:
         log.info("the checkpoint stores no training resolution: predicting at the slide's level 0%s",
                  " (--mpp only reported)" if args.mpp is not None else "")
     reader = open_slide(args.slide, args.mpp, need_mpp=predictor.mpp is not None)
-    run_key = {"slide": _file_key(args.slide), "checkpoint": _file_key(args.checkpoint), "mpp": reader.mpp}
+    run_key = {"slide": _file_key(args.slide), "checkpoint": _file_key(args.checkpoint), "mpp": reader.mpp,
+               "device": predictor.device.type, "amp": predictor.amp}  # a resumed run must not mix GPU and CPU tiles
     summary = predict_slide(predictor, reader, out_dir, stem=Path(args.slide).stem, tile=args.tile, halo=args.halo,
                             workers=args.workers, run_key=run_key)
     log.info("%d nuclei in %d tiles, %.1f s (%s megapixels/s) -> %s", summary["nuclei"], summary["tiles"]["tissue"],
