@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synthetic data -> supervised and CDCL models -> evaluation table and pictures")
     p.add_argument("--out", default="cdcl-demo", metavar="DIR", help="output folder (default: ./cdcl-demo)")
-    p.add_argument("--iterations", type=int, default=None, help="training iterations per model (default: preset)")
+    p.add_argument("--iterations", type=int, default=None, help="training iterations per model (default: 100)")
     p.set_defaults(handler="cdcl.demo:run")
 
     p = sub.add_parser("data", help="inspect a dataset: `data check`, `data show`")
