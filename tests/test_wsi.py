@@ -256,6 +256,20 @@ def test_predict_wsi_cli_on_a_monuseg_pyramid(tmp_path, mosaic, checkpoint, capl
     assert f"{summary['nuclei']} nuclei" in caplog.text
 
 
+def test_the_resume_key_holds_the_device_and_precision(tmp_path, mosaic, checkpoint, monkeypatch) -> None:
+    """A run resumed on another device or precision starts over instead of mixing tiles computed both ways."""
+    slide = write_pyramid(tmp_path / "mono.tif", mosaic, mpp=0.25)
+    keys = []
+
+    def predict_slide(*args, run_key, **kwargs):
+        keys.append(run_key)
+        return {"nuclei": 0, "tiles": {"tissue": 0}, "seconds": 0.0, "megapixels_per_s": None}
+
+    monkeypatch.setattr(cdcl.wsi, "predict_slide", predict_slide)
+    assert main(["predict-wsi", "--checkpoint", checkpoint, str(slide), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert keys[0]["device"] == "cpu" and keys[0]["amp"] is False and keys[0]["mpp"] == pytest.approx(0.25)
+
+
 @pytest.mark.parametrize(
     "case,message",
     [("unreadable", "cannot read slide"), ("no_mpp", "pass --mpp"), ("blank", "no tissue found"),
