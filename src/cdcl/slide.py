@@ -193,9 +193,11 @@ def open_slide(path: str | Path, mpp_override: float | None = None, need_mpp: bo
             failures.append(f"{backend}: {' '.join(str(exc).split())[:120] or type(exc).__name__}")
     else:
         raise CdclError(f"cannot read slide ({'; '.join(failures)})", path)
-    if need_mpp and (reader.mpp is None or not reader.mpp > 0):
+    if not need_mpp:
+        return reader
+    if reader.mpp is None or not reader.mpp > 0:
         raise CdclError("no resolution metadata (microns per pixel) in the slide; pass --mpp", path)
-    if need_mpp and not PLAUSIBLE_MPP[0] <= reader.mpp <= PLAUSIBLE_MPP[1]:
+    if not PLAUSIBLE_MPP[0] <= reader.mpp <= PLAUSIBLE_MPP[1]:
         raise CdclError(f"implausible resolution in the slide's metadata: {reader.mpp:.4g} microns per pixel (a "
                         "default 72 dpi header?); pass --mpp", path)
     return reader

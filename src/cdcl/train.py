@@ -168,8 +168,8 @@ def predict_probabilities(model: nn.Module, items: list, config: Config, device:
     was_training = model.training
     model.eval()
     i = config.infer
-    probs = [sliding_window_probability(model, it.image, window=i.window, overlap=i.overlap,
-                                        batch_size=windows_per_batch(None, i.batch_size, device),
+    batch_size = windows_per_batch(None, i.batch_size, device)
+    probs = [sliding_window_probability(model, it.image, window=i.window, overlap=i.overlap, batch_size=batch_size,
                                         device=device, amp=config.train.amp and device.type == "cuda") for it in items]
     model.train(was_training)
     return probs
