@@ -553,7 +553,7 @@ SLIDE_CASES = {
     "too-coarse-slide": ("pyramidal TIFF at 4 um/px for a model trained at 0.5", ("slide.tif", "more than 4x coarser")),
     "infinite-mpp": ("--mpp inf", ("--mpp must be between",)),
     "blank-slide": ("all-white pyramidal TIFF", ("slide.tif", "no tissue found")),
-    "missing-slide": ("slide path that does not exist", ("slide.tif", "slide file not found")),
+    "missing-slide": ("slide path that does not exist", ("slide.tif", "no such file or folder")),
     "damaged-tile": ("pyramidal TIFF with one level-0 tile's compressed bytes overwritten",
                      ("slide.tif", "of the slide: damaged file?")),
 }

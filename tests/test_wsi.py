@@ -256,6 +256,53 @@ def test_predict_wsi_cli_on_a_monuseg_pyramid(tmp_path, mosaic, checkpoint, capl
     assert f"{summary['nuclei']} nuclei" in caplog.text
 
 
+def test_predict_wsi_takes_a_folder_of_slides_and_skips_the_finished_ones(tmp_path, mosaic, checkpoint, caplog) -> None:
+    """A lab's batch: one command for a folder; re-running it after an interruption redoes only what is unfinished."""
+    folder, out = tmp_path / "slides", tmp_path / "out"
+    folder.mkdir()
+    for stem, crop in (("left", mosaic[:, :600]), ("right", mosaic[:, 600:])):
+        write_pyramid(folder / f"{stem}.tif", crop, mpp=0.25)
+    (folder / "notes.txt").write_text("scanned 2026-11-26\n")
+    args = ["predict-wsi", "--checkpoint", checkpoint, str(folder), "--out", str(out), "--tile", "256", "--workers", "0"]
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0
+    assert "skipping" in caplog.text and "notes.txt" in caplog.text and "slide 2 of 2" in caplog.text
+    summaries = {stem: json.loads((out / f"{stem}_summary.json").read_text()) for stem in ("left", "right")}
+    assert all(s["nuclei"] > 100 and s["tiles"]["predicted_now"] == s["tiles"]["tissue"] > 0 for s in summaries.values())
+    assert summaries["left"]["settings"]["slide"]["path"] == str((folder / "left.tif").resolve())
+    assert "2 slides, %d nuclei" % sum(s["nuclei"] for s in summaries.values()) in caplog.text
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert sorted(written) == sorted(f"{stem}{suffix}" for stem in ("left", "right") for suffix in cdcl.wsi.OUTPUTS)
+
+    (out / "right.partial").mkdir()  # as left by a run killed between writing the summary and removing the journal
+    os.utime(folder / "left.tif", ns=(1, 1))  # the left slide is replaced: its old outputs no longer apply
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0
+    assert "right.tif: already done" in caplog.text and "left.tif: already done" not in caplog.text
+    assert (out / "right_nuclei.csv").stat().st_mtime_ns == written["right_nuclei.csv"]  # not rewritten
+    assert (out / "left_nuclei.csv").stat().st_mtime_ns > written["left_nuclei.csv"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(written)  # the leftover journal is gone
+
+
+@pytest.mark.parametrize("case", ["unreadable", "same_name"])
+def test_a_bad_slide_among_several_stops_the_run_before_any_is_predicted(tmp_path, mosaic, checkpoint, capsys, case) -> None:
+    good, out = write_pyramid(tmp_path / "good.tif", mosaic, mpp=0.25), tmp_path / "out"
+    other = tmp_path / "other"
+    other.mkdir()
+    if case == "unreadable":
+        bad = other / "bad.svs"
+        bad.write_text("not a slide\n")
+        message = "bad.svs: cannot read slide"
+    else:
+        bad = write_pyramid(other / "good.tiff", mosaic, mpp=0.25)
+        message = "good.tiff: two inputs share the name 'good'"
+    assert main(["predict-wsi", "--checkpoint", checkpoint, str(good), str(other), "--out", str(out), "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not out.exists()  # nothing predicted, not even the good slide
+
+
 def test_the_resume_key_holds_the_device_and_precision(tmp_path, mosaic, checkpoint, monkeypatch) -> None:
     """A run resumed on another device or precision starts over instead of mixing tiles computed both ways."""
     slide = write_pyramid(tmp_path / "mono.tif", mosaic, mpp=0.25)
@@ -273,7 +320,7 @@ def test_the_resume_key_holds_the_device_and_precision(tmp_path, mosaic, checkpo
 @pytest.mark.parametrize(
     "case,message",
     [("unreadable", "cannot read slide"), ("no_mpp", "pass --mpp"), ("blank", "no tissue found"),
-     ("unwritable", "cannot create output folder"), ("missing", "slide file not found")],
+     ("unwritable", "cannot create output folder"), ("missing", "no such file or folder")],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, checkpoint, capsys, case, message) -> None:
     slide, out = tmp_path / "slide.tif", tmp_path / "out"

@@ -104,11 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     p.set_defaults(handler="cdcl.predict:run")
 
-    p = sub.add_parser("predict-wsi", help="nuclei of a whole-slide image, streamed with bounded memory")
+    p = sub.add_parser("predict-wsi", help="nuclei of whole-slide images, streamed with bounded memory")
     _add_checkpoint(p)
-    p.add_argument("slide", metavar="SLIDE", help="SVS, TIFF, NDPI, MRXS, ...")
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files (SVS, TIFF, NDPI, MRXS, ...) or folders of them; "
+                   "re-running the same command skips the finished slides and resumes the interrupted one")
     _add_out(p)
-    p.add_argument("--mpp", type=float, default=None, help="microns per pixel of level 0, for slides that lack it (overrides the slide's value)")
+    p.add_argument("--mpp", type=float, default=None, help="microns per pixel of level 0, for slides that lack it (overrides every "
+                   "slide's value)")
     p.add_argument("--tile", type=int, default=1024, metavar="PX", help="tile side, in pixels at the model's resolution")
     p.add_argument("--halo", type=int, default=64, metavar="PX", help="context read around each tile (model pixels); must exceed the largest nucleus")
     p.add_argument("--workers", type=int, default=None, help="processes post-processing tiles (nuclei, polygons, measurements), plus one "

@@ -1,4 +1,5 @@
-"""Atomic file writes: outputs appear under their final name only once complete."""
+"""Files in and out: inputs named directly or by folder; atomic writes, so outputs appear under their final name
+only once complete."""
 
 from __future__ import annotations
 
@@ -6,12 +7,41 @@ import contextlib
 import glob
 import json
 import os
+import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from cdcl.errors import CdclError
+
+log = logging.getLogger(__name__)
+
+
+def collect_inputs(inputs: list[str], suffixes: tuple[str, ...], kind: str) -> list[Path]:
+    """Files named directly, or found in the named folders (not recursively, sorted; other files are skipped
+    with a warning). A missing input, a folder without any ``kind``, or two inputs with the same stem (their
+    outputs would collide) is a CdclError."""
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files = sorted(p for p in item.iterdir() if p.is_file())
+            for skipped in (p for p in files if p.suffix.lower() not in suffixes):
+                log.warning("skipping %s (not one of %s)", skipped, ", ".join(suffixes))
+            matching = [p for p in files if p.suffix.lower() in suffixes]
+            if not matching:
+                raise CdclError(f"no {kind} in folder", item)
+            found.extend(matching)
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise CdclError("no such file or folder", item)
+    seen: dict[str, Path] = {}
+    for path in found:
+        if path.stem in seen:
+            raise CdclError(f"two inputs share the name '{path.stem}' ({seen[path.stem]}); their outputs would collide", path)
+        seen[path.stem] = path
+    return found
 
 
 @contextlib.contextmanager

@@ -15,16 +15,15 @@ import numpy as np
 from tqdm import tqdm
 
 from cdcl.checkpoint import Predictor, load_predictor
-from cdcl.data.images import read_image
+from cdcl.data.images import IMAGE_SUFFIXES, read_image
 from cdcl.errors import CdclError
 from cdcl.export import nuclei_polygons, nuclei_table, write_csv, write_geojson, write_label_map
 from cdcl.infer import predict_instances
-from cdcl.io import ensure_writable_dir
+from cdcl.io import collect_inputs, ensure_writable_dir
 from cdcl.viz import overlay_contours, save_png
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 FORMATS = ("labels", "labels-tiff", "geojson", "csv", "overlay")
 OVERLAY_COLOR = (0, 255, 0)
 
@@ -36,29 +35,6 @@ def parse_formats(text: str) -> list[str]:
     if unknown or not wanted:
         raise CdclError(f"unknown --formats {','.join(unknown) or '(empty)'}; choose from {','.join(FORMATS)}")
     return [name for name in FORMATS if name in wanted]
-
-
-def collect_images(inputs: list[str]) -> list[Path]:
-    """Image files named directly or found in the named folders; duplicate output stems are refused."""
-    images: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            for skipped in sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES):
-                log.warning("skipping %s (not an image suffix: %s)", skipped, ", ".join(IMAGE_SUFFIXES))
-            if not found:
-                raise CdclError("no images in folder", item)
-            images.extend(found)
-        elif item.is_file():
-            images.append(item)
-        else:
-            raise CdclError("no such file or folder", item)
-    seen: dict[str, Path] = {}
-    for path in images:
-        if path.stem in seen:
-            raise CdclError(f"two inputs share the name '{path.stem}' ({seen[path.stem]}); their outputs would collide", path)
-        seen[path.stem] = path
-    return images
 
 
 def write_outputs(out_dir: Path, stem: str, image: np.ndarray, labels: np.ndarray, formats: list[str]) -> int:
@@ -89,7 +65,7 @@ def predict_files(predictor: Predictor, images: list[Path], out_dir: Path, forma
 
 def run(args: argparse.Namespace) -> int:
     formats = parse_formats(args.formats)
-    images = collect_images(args.inputs)
+    images = collect_inputs(args.inputs, IMAGE_SUFFIXES, "images")
     if args.batch_size is not None and args.batch_size < 1:
         raise CdclError(f"--batch-size must be at least 1, got {args.batch_size}")
     out_dir = ensure_writable_dir(args.out)

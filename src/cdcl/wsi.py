@@ -17,7 +17,9 @@ live at thumbnail scale; tiles in flight are bounded by the worker counts.
 
 Resume: ``tiles.jsonl`` records finished tiles; ``run.json`` records the settings. Re-running the same command
 continues after the finished tiles (a truncated last line is dropped); changed settings start over. Final
-files appear only complete; the journal is removed once they are written.
+files appear only complete; the journal is removed once they are written. A slide whose outputs are complete
+and whose ``<stem>_summary.json`` records the same settings is not predicted again, so a folder of slides
+interrupted anywhere is finished by re-running the same command.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from cdcl.errors import CdclError, from_workers
 from cdcl.export import NUCLEUS_COLOR, csv_stream, geojson_stream, nucleus_feature
 from cdcl.handoff import SHM_FOLDER, SharedTileHandoff, remove_orphaned_blocks, shared_memory_fits, tile_bytes
 from cdcl.infer import PendingProbability, start_probability
-from cdcl.io import ensure_writable_dir, remove_leftover_temporaries, write_json_atomic
+from cdcl.io import collect_inputs, ensure_writable_dir, remove_leftover_temporaries, write_json_atomic
 from cdcl.slide import (
     Grid, SlideReader, choose_level, open_slide, ready, tile_nuclei_json, tissue_mask, tissue_tiles, yield_to_prediction,
 )
@@ -59,6 +61,9 @@ from cdcl.viz import save_png
 log = logging.getLogger(__name__)
 
 THUMB_SIDE = 2048  # thumbnail for the tissue mask and the overlay: fixed, whatever the slide size
+# what OpenSlide opens (tiffslide: TIFF and SVS); MRXS data folders and other files in a folder are skipped
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
+OUTPUTS = (".geojson", "_nuclei.csv", "_overlay.png", "_summary.json")  # per slide, after its stem; the summary last
 
 
 class TileDataset(Dataset):
@@ -223,8 +228,8 @@ def _predict_tiles(predictor: Predictor, reader: SlideReader, grid: Grid, todo: 
 def write_outputs(journal: Journal, out_dir: Path, stem: str, thumbnail: np.ndarray, level0_width: int) -> int:
     """GeoJSON, CSV and overlay in one streamed pass over the journal; returns the number of nuclei. The
     outlines are drawn at thumbnail scale, so memory does not depend on the slide size."""
-    for name in (f"{stem}.geojson", f"{stem}_nuclei.csv", f"{stem}_overlay.png", f"{stem}_summary.json"):
-        remove_leftover_temporaries(out_dir / name)  # of an earlier run killed while writing them
+    for suffix in OUTPUTS:
+        remove_leftover_temporaries(out_dir / f"{stem}{suffix}")  # of an earlier run killed while writing them
     scale = thumbnail.shape[1] / level0_width
     overlay = Image.fromarray(thumbnail)
     draw = ImageDraw.Draw(overlay)
@@ -237,6 +242,17 @@ def write_outputs(journal: Journal, out_dir: Path, stem: str, thumbnail: np.ndar
             count += 1
     save_png(out_dir / f"{stem}_overlay.png", np.asarray(overlay))
     return count
+
+
+def finished_summary(out_dir: Path, stem: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary of an earlier run of ``stem`` with these ``settings`` whose outputs are all in place, else
+    None. The summary is written after the other outputs, so its presence means they are complete."""
+    try:
+        summary = json.loads((out_dir / f"{stem}_summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = isinstance(summary, dict) and summary.get("settings") == json.loads(json.dumps(settings))
+    return summary if same and all((out_dir / f"{stem}{suffix}").is_file() for suffix in OUTPUTS) else None
 
 
 @contextlib.contextmanager
@@ -272,18 +288,26 @@ def predict_slide(
 ) -> dict[str, Any]:
     """Predict every tissue tile of ``reader`` and write ``<stem>.geojson``, ``<stem>_nuclei.csv``,
     ``<stem>_overlay.png`` and ``<stem>_summary.json`` into ``out_dir``; returns the summary. ``workers``:
-    post-processing processes (None: :func:`default_workers`)."""
+    post-processing processes (None: :func:`default_workers`). ``run_key`` identifies the inputs (the command
+    line's: slide and checkpoint files, resolution, device); with one, a slide already finished with the same
+    key and tiling is not predicted again, and its summary is returned."""
     start = time.perf_counter()
     workers = default_workers(predictor.device) if workers is None else workers
     out_dir = ensure_writable_dir(out_dir)
+    settings = {"cdcl": __version__, **(run_key or {}), "tile": tile, "halo": halo}
     with only_run(out_dir, stem):  # the lock covers the outputs too
+        done = finished_summary(out_dir, stem, settings) if run_key is not None else None
+        if done is not None:
+            shutil.rmtree(out_dir / f"{stem}.partial", ignore_errors=True)  # a run killed just before removing it
+            log.info("%s: already done with these settings (%s); delete it to predict again", reader.name,
+                     out_dir / f"{stem}_summary.json")
+            return done
         with _start_pool(workers) as pool:  # its workers start while the slide is opened and its tissue found
             level, residual = choose_level(reader, predictor.mpp)
             grid = Grid.for_slide(reader, level, residual, tile, halo)
             thumbnail = reader.thumbnail(THUMB_SIDE)
             tiles = tissue_tiles(grid, tissue_mask(thumbnail, reader.name), reader.dimensions[0])
-            key = {"cdcl": __version__, **(run_key or {}), "level": level, "residual": residual, "tile": tile, "halo": halo,
-                   "tiles": [index for index, _ in tiles]}
+            key = {**settings, "level": level, "residual": residual, "tiles": [index for index, _ in tiles]}
             journal = Journal(out_dir / f"{stem}.partial", key)
             todo = [t for t in tiles if t[0] not in journal.finished]
             working_mpp = None if reader.mpp is None else reader.mpp * grid.scale
@@ -302,7 +326,7 @@ def predict_slide(
             "tiles": {"grid": len(grid.cores()), "tissue": len(tiles), "predicted_now": len(todo), "resumed": len(tiles) - len(todo)},
             "nuclei": n_nuclei, "seconds_predict": round(predict_seconds, 3),
             "seconds": round(time.perf_counter() - start, 3), "megapixels_predicted": round(megapixels, 3),
-            "megapixels_per_s": round(megapixels / predict_seconds, 3) if todo else None,
+            "megapixels_per_s": round(megapixels / predict_seconds, 3) if todo else None, "settings": settings,
         }
         write_json_atomic(out_dir / f"{stem}_summary.json", summary)
         shutil.rmtree(journal.folder)
@@ -321,16 +345,26 @@ def run(args: argparse.Namespace) -> int:
         raise CdclError(f"--tile must be at least 64 px, got {args.tile}")
     if args.halo < 0 or (args.workers is not None and args.workers < 0) or (args.batch_size is not None and args.batch_size < 1):
         raise CdclError("--halo and --workers must be >= 0 and --batch-size >= 1")
-    out_dir = ensure_writable_dir(args.out)
+    paths = collect_inputs(args.slides, SLIDE_SUFFIXES, "slides")
     predictor = load_predictor(args.checkpoint, device=args.device, batch_size=args.batch_size)
     if predictor.mpp is None:
-        log.info("the checkpoint stores no training resolution: predicting at the slide's level 0%s",
+        log.info("the checkpoint stores no training resolution: predicting at the slides' level 0%s",
                  " (--mpp only reported)" if args.mpp is not None else "")
-    reader = open_slide(args.slide, args.mpp, need_mpp=predictor.mpp is not None)
-    run_key = {"slide": _file_key(args.slide), "checkpoint": _file_key(args.checkpoint), "mpp": reader.mpp,
-               "device": predictor.device.type, "amp": predictor.amp}  # a resumed run must not mix GPU and CPU tiles
-    summary = predict_slide(predictor, reader, out_dir, stem=Path(args.slide).stem, tile=args.tile, halo=args.halo,
-                            workers=args.workers, run_key=run_key)
-    log.info("%d nuclei in %d tiles, %.1f s (%s megapixels/s) -> %s", summary["nuclei"], summary["tiles"]["tissue"],
-             summary["seconds"], summary["megapixels_per_s"], out_dir)
+    readers = [open_slide(path, args.mpp, need_mpp=predictor.mpp is not None) for path in paths]
+    for reader in readers:
+        choose_level(reader, predictor.mpp)  # every slide is checked before the first is predicted
+    out_dir = ensure_writable_dir(args.out)
+    nuclei = 0
+    for number, (path, reader) in enumerate(zip(paths, readers), 1):
+        run_key = {"slide": _file_key(path), "checkpoint": _file_key(args.checkpoint), "mpp": reader.mpp,
+                   "device": predictor.device.type, "amp": predictor.amp}  # a resumed run must not mix GPU and CPU tiles
+        if len(paths) > 1:
+            log.info("slide %d of %d: %s", number, len(paths), path)
+        summary = predict_slide(predictor, reader, out_dir, stem=path.stem, tile=args.tile, halo=args.halo,
+                                workers=args.workers, run_key=run_key)
+        nuclei += summary["nuclei"]
+        log.info("%d nuclei in %d tiles, %.1f s (%s megapixels/s) -> %s", summary["nuclei"], summary["tiles"]["tissue"],
+                 summary["seconds"], summary["megapixels_per_s"], out_dir)
+    if len(paths) > 1:
+        log.info("%d slides, %d nuclei -> %s", len(paths), nuclei, out_dir)
     return 0
