@@ -87,10 +87,20 @@ def test_unlabeled_images_are_never_labeled_val_or_test(tmp_path):
     ds = load_dataset(_folder(tmp_path, 8, 12), "folder")
     split = make_split(ds, 1.0, 0, tile=30, val_fraction=0.1, test_fraction=0.2)
     labeled_images = {item.name for item in ds if item.has_mask}
-    assert split.counts() == {"labeled": 8, "unlabeled": 48, "val": 2, "test": 4}  # 4 tiles of 30 x 30 per image
+    # test 0.2 x 8 and val 0.1 x 6 annotated images, rounded; 4 tiles of 30 x 30 per image
+    assert split.counts() == {"labeled": 20, "unlabeled": 48, "val": 1, "test": 2}
     assert set(split.test) | set(split.val) <= labeled_images
     assert {_base(n) for n in split.labeled} == labeled_images - set(split.test) - set(split.val)
     assert all(ds.item(name).shape == (30, 30) for name in split.labeled + split.unlabeled)
+
+
+def test_test_and_validation_shares_count_annotated_images_only(tmp_path):
+    """The lab's case: 20 annotated tiles beside 200 cut from unannotated slides. Shares of all 220 images sent
+    every annotated one to test and left nothing to train on."""
+    ds = load_dataset(_folder(tmp_path, 20, 200), "folder")
+    split = make_split(ds, 1.0, 0)
+    assert split.counts() == {"labeled": 14, "unlabeled": 200, "val": 2, "test": 4}
+    assert set(split.labeled + split.val + split.test) == {item.name for item in ds if item.has_mask}
 
 
 def test_split_files_are_byte_identical_for_the_same_seed(tmp_path, monuseg):

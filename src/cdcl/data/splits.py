@@ -4,9 +4,10 @@ whole images are held out for validation and test. ``cdcl split`` writes them as
 Protocol:
 
 - Test: a dataset with ``train/`` and ``test/`` subsets keeps its official test images; otherwise a seeded
-  share (``test_fraction``, default 0.2) of the labeled images. Validation (``val_fraction``, default 0.1 of the
-  training images, at least one) is drawn from labeled training images only, never from test; validation and
-  test items are whole images.
+  share (``test_fraction``, default 0.2) of the annotated images. Validation (``val_fraction``, default 0.1 of
+  the annotated training images, at least one) is drawn from them, never from test; validation and test items
+  are whole images. Both shares count annotated images only, as only those can be scored: a folder of 20
+  annotated tiles and 2,000 unannotated ones gives 4 test and 2 validation images, not all 20 to test.
 - The remaining training images, cut into ``tile`` x ``tile`` tiles when ``tile`` is set (MoNuSeg: 250, giving
   16 tiles per 1000 x 1000 image), are the training items. ``round(labeled_fraction x N)`` of them are labeled,
   where N counts the items of *all* training images including the validation ones, so the MoNuSeg budgets are
@@ -97,7 +98,8 @@ def make_split(
     val_fraction = _share(DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction, "validation")
     rng = np.random.default_rng(seed)
     pool, test = _pool_and_test(dataset, test_fraction, rng)
-    val = _draw([item for item in pool if item.has_mask], _count(val_fraction, len(pool)), rng)
+    annotated = [item for item in pool if item.has_mask]
+    val = _draw(annotated, _count(val_fraction, len(annotated)), rng)
     val_names = {item.name for item in val}
     train = [item for item in pool if item.name not in val_names]
     units = [unit for item in train for unit in _units(item, tile)]
@@ -146,7 +148,8 @@ def _pool_and_test(
             raise CdclError("this dataset has an official test/ subset; --test applies only to datasets without one")
         return pool, [item for item in dataset if item.name.startswith("test/")]
     fraction = _share(DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction, "test")
-    test = _draw([item for item in pool if item.has_mask], _count(fraction, len(pool)), rng)
+    annotated = [item for item in pool if item.has_mask]
+    test = _draw(annotated, _count(fraction, len(annotated)), rng)
     test_names = {item.name for item in test}
     return [item for item in pool if item.name not in test_names], test
 
