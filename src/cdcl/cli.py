@@ -69,6 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, metavar="PNG", help="output PNG file")
     q.set_defaults(handler="cdcl.data.show:run")
 
+    p = sub.add_parser("tiles", help="cut tissue tiles from whole-slide images: unlabeled training data")
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files (SVS, TIFF, NDPI, MRXS, ...) or folders of them")
+    _add_out(p, help="folder for the PNG tiles, e.g. DATA/images of a `folder` dataset (created if missing)")
+    p.add_argument("--size", type=int, default=256, metavar="PX", help="tile side in pixels (default: 256)")
+    p.add_argument("--per-slide", type=int, default=100, metavar="N", help="tiles drawn from each slide (default: 100)")
+    p.add_argument("--tile-mpp", type=float, default=None, metavar="UM", help="microns per pixel of the tiles: that of your "
+                   "annotated tiles (default: each slide's level 0)")
+    p.add_argument("--mpp", type=float, default=None, help="microns per pixel of level 0, for slides that lack it (overrides every "
+                   "slide's value)")
+    p.add_argument("--min-tissue", type=float, default=0.5, metavar="FRACTION", help="least share of a tile in the tissue mask "
+                   "(default: 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="which tiles are drawn (default: 0); a re-run keeps those already written")
+    p.set_defaults(handler="cdcl.tiles:run")
+
     p = sub.add_parser("split", help="write labeled/unlabeled/val/test lists for a label budget")
     p.add_argument("data", metavar="DATA", help="dataset folder")
     _add_format(p)

@@ -33,6 +33,9 @@ PLAUSIBLE_MPP = (0.01, 50.0)  # microns per pixel: 1000x to 0.2x objectives; out
 MAX_UPSAMPLING = 4  # a slide needing more enlargement to reach the model's resolution holds too little detail
 THUMBNAIL_CHUNK = 4096  # a level larger than this squared is shrunk to a thumbnail in pieces of this side
 SATURATION_BOUNDS = (0.04, 0.15)  # Otsu's saturation threshold is clamped into this range (see tissue_mask)
+THUMB_SIDE = 2048  # thumbnail for the tissue mask and the overlay: fixed, whatever the slide size
+# what OpenSlide opens (tiffslide: TIFF and SVS); MRXS data folders and other files in a folder are skipped
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 
 
 class SlideReader(Protocol):
@@ -275,14 +278,15 @@ class Grid:
         return np.array(Image.fromarray(region).resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR))  # writable
 
 
-def tissue_tiles(grid: Grid, mask: np.ndarray, level0_width: int) -> list[tuple[int, tuple[int, int, int, int]]]:
-    """``(id, core)`` of the grid cells that touch the tissue mask."""
+def tissue_tiles(grid: Grid, mask: np.ndarray, level0_width: int, min_fraction: float = 0.0) -> list[tuple[int, tuple[int, int, int, int]]]:
+    """``(id, core)`` of the grid cells that touch the tissue mask, and have at least ``min_fraction`` of their
+    area in it."""
     to_mask = mask.shape[1] / level0_width * grid.scale  # mask pixels per working pixel
     tiles = []
     for index, core in enumerate(grid.cores()):
         x0, y0, x1, y1 = core
         cell = mask[int(y0 * to_mask) : int(np.ceil(y1 * to_mask)), int(x0 * to_mask) : int(np.ceil(x1 * to_mask))]
-        if cell.any():
+        if cell.any() and cell.mean() >= min_fraction:
             tiles.append((index, core))
     return tiles
 

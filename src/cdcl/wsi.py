@@ -54,15 +54,13 @@ from cdcl.handoff import SHM_FOLDER, SharedTileHandoff, remove_orphaned_blocks, 
 from cdcl.infer import PendingProbability, start_probability
 from cdcl.io import collect_inputs, ensure_writable_dir, remove_leftover_temporaries, write_json_atomic
 from cdcl.slide import (
-    Grid, SlideReader, choose_level, open_slide, ready, tile_nuclei_json, tissue_mask, tissue_tiles, yield_to_prediction,
+    SLIDE_SUFFIXES, THUMB_SIDE, Grid, SlideReader, choose_level, open_slide, ready, tile_nuclei_json, tissue_mask, tissue_tiles,
+    yield_to_prediction,
 )
 from cdcl.viz import save_png
 
 log = logging.getLogger(__name__)
 
-THUMB_SIDE = 2048  # thumbnail for the tissue mask and the overlay: fixed, whatever the slide size
-# what OpenSlide opens (tiffslide: TIFF and SVS); MRXS data folders and other files in a folder are skipped
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 OUTPUTS = (".geojson", "_nuclei.csv", "_overlay.png", "_summary.json")  # per slide, after its stem; the summary last
 
 
