@@ -601,6 +601,16 @@ def test_predict_wsi_refuses_what_is_not_a_usable_slide(world, half_micron_check
     assert_refused(result, *mentions, out=out)
 
 
+def test_predict_wsi_refuses_a_folder_with_one_bad_slide_before_predicting_any(world, half_micron_checkpoint, tmp_path, record):
+    folder, out = tmp_path / "slides", tmp_path / "out"
+    folder.mkdir()
+    write_slide(folder / "a.tif")
+    (folder / "b.svs").write_text("not a slide\n")
+    result = run_cdcl(*wsi_args(half_micron_checkpoint, folder, out))
+    record("predict-wsi", "a folder of two slides, the second a text file named .svs", result, "exit 2, the good slide not predicted")
+    assert_refused(result, "b.svs", "cannot read slide", out=out)
+
+
 def test_predict_wsi_with_a_model_without_resolution_needs_none_from_the_slide(world, tmp_path):
     """A checkpoint that stores no microns per pixel (trained on a folder of tiles) predicts at level 0."""
     slide = write_slide(tmp_path / "slide.tif", mpp=None)

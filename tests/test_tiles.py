@@ -103,7 +103,7 @@ def test_the_lab_recipe_runs_from_slides_and_annotated_tiles_to_nuclei_for_every
     slides, annotated tiles beside them, split, a (very short) CDCL training, nuclei for both slides."""
     slides, lab = tmp_path / "slides", tmp_path / "lab"
     slides.mkdir()
-    for name, crop in (("s1", mosaic[:, :600]), ("s2", mosaic[:, 600:])):
+    for name, crop in (("s1", mosaic[:500, :600]), ("s2", mosaic[500:, 600:])):
         write_pyramid(slides / f"{name}.tif", crop, mpp=0.25)
     for folder in ("images", "masks"):
         (lab / folder).mkdir(parents=True)
@@ -120,7 +120,7 @@ def test_the_lab_recipe_runs_from_slides_and_annotated_tiles_to_nuclei_for_every
 
     config = tmp_path / "empty.yaml"
     config.write_text("# every value comes from --set\n")
-    overrides = tiny_overrides(lab, lab / "split", "cdcl", 4, **{"data.mpp": 0.25})
+    overrides = tiny_overrides(lab, lab / "split", "cdcl", 4, **{"data.mpp": 0.25, "infer.window": 128})
     assert_ok(run_cdcl("train", "--config", config, *[a for s in overrides for a in ("--set", s)], "--out", tmp_path / "run"))
     out = tmp_path / "nuclei"
     assert_ok(run_cdcl("predict-wsi", "--checkpoint", tmp_path / "run" / "best.pt", slides, "--out", out, "--tile", "256",
