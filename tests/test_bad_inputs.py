@@ -655,3 +655,49 @@ def test_predict_wsi_writes_complete_outputs(world, tmp_path, record):
     assert sorted(p.name for p in out.iterdir()) == ["slide.geojson", "slide_nuclei.csv", "slide_overlay.png", "slide_summary.json"]
     summary = json.loads((out / "slide_summary.json").read_text())
     assert len(check_geojson(out / "slide.geojson")["features"]) == summary["nuclei"]
+
+
+# ---- tiles ---------------------------------------------------------------------------------------------------------
+
+TILES_CASES = {
+    "blank-slide": ("all-white pyramidal TIFF", [], ("slide.tif", "no tissue found")),
+    "no-mpp": ("pyramidal TIFF without resolution, --tile-mpp 0.5", ["--tile-mpp", "0.5"], ("slide.tif", "pass --mpp")),
+    "too-little-tissue": ("--size 512 --min-tissue 0.99 on a 512x768 slide with a 32 px margin",
+                          ["--size", "512", "--min-tissue", "0.99"], ("slide.tif", "no tile of 512 px is at least 99% tissue")),
+    "tiny-size": ("--size 16", ["--size", "16"], ("--size must be at least 32 px",)),
+    "text-as-slide": ("text file named .svs", [], ("slide.svs", "cannot read slide")),
+    "missing-slide": ("slide path that does not exist", [], ("slide.tif", "no such file or folder")),
+    "empty-folder": ("a folder without slides", [], ("empty", "no slides in folder")),
+}
+
+
+@pytest.mark.parametrize("case", list(TILES_CASES))
+def test_tiles_refuses_what_is_not_a_usable_slide(tmp_path, record, case):
+    given, extra, mentions = TILES_CASES[case]
+    slide = tmp_path / mentions[0] if case != "tiny-size" else tmp_path / "slide.tif"
+    if case == "blank-slide":
+        write_pyramid(slide, np.full((512, 512, 3), 255, np.uint8), mpp=0.5)
+    elif case == "no-mpp":
+        write_slide(slide, mpp=None)
+    elif case in ("too-little-tissue", "tiny-size"):
+        write_slide(slide)
+    elif case == "text-as-slide":
+        slide.write_text("not a slide\n")
+    elif case == "empty-folder":
+        slide.mkdir()
+    out = tmp_path / "out"
+    result = run_cdcl("tiles", slide, "--out", out, *extra)
+    record("tiles", given, result, "exit 2")
+    assert_refused(result, *mentions, out=out)
+
+
+def test_tiles_refuses_an_unwritable_output_and_writes_a_good_slide(tmp_path, record):
+    slide = write_slide(tmp_path / "slide.tif")
+    result = run_cdcl("tiles", slide, "--out", unwritable(tmp_path))
+    record("tiles", "--out below a regular file", result, "exit 2")
+    assert_refused(result, "file.txt/out", "cannot create output folder")
+    out = tmp_path / "tiles"
+    result = run_cdcl("tiles", slide, "--out", out, "--size", "128", "--per-slide", "5")
+    record("tiles", "512x768 pyramidal TIFF of synthetic tissue, 5 tiles of 128 px", result, "exit 0")
+    assert_ok(result)
+    assert len(list(out.glob("slide_x*_y*.png"))) == 5

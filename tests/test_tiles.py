@@ -69,35 +69,6 @@ def test_tiles_at_a_coarser_resolution_come_from_the_matching_level(tmp_path, mo
         np.testing.assert_array_equal(pixels, level1[y // 2 : y // 2 + 256, x // 2 : x // 2 + 256])
 
 
-@pytest.mark.parametrize(
-    "case,message",
-    [("blank", "slide.tif: no tissue found"), ("no_mpp", "slide.tif: no resolution metadata"),
-     ("small_tissue", "no tile of 512 px is at least 90% tissue"), ("bad_size", "--size must be at least 32 px"),
-     ("not_a_slide", "notes.svs: cannot read slide")],
-)
-def test_bad_input_is_one_line_and_exit_2(tmp_path, mosaic, capsys, case, message) -> None:
-    slide, extra = tmp_path / "slide.tif", []
-    if case == "blank":
-        write_pyramid(slide, np.full((600, 600, 3), 255, np.uint8), mpp=0.25)
-    elif case == "no_mpp":
-        write_pyramid(slide, mosaic, mpp=None)
-        extra = ["--tile-mpp", "0.5"]
-    elif case == "small_tissue":
-        write_pyramid(slide, mosaic, mpp=0.25)
-        extra = ["--size", "512", "--min-tissue", "0.9"]
-    elif case == "bad_size":
-        write_pyramid(slide, mosaic, mpp=0.25)
-        extra = ["--size", "16"]
-    else:
-        slide = tmp_path / "notes.svs"
-        slide.write_text("not a slide\n")
-    out = tmp_path / "out"
-    assert main(["tiles", str(slide), "--out", str(out), *extra]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
-    assert not out.exists() or not any(out.iterdir())
-
-
 def test_the_lab_recipe_runs_from_slides_and_annotated_tiles_to_nuclei_for_every_slide(tmp_path, shared_data, mosaic) -> None:
     """The README's "your lab's data" commands, end to end on real MoNuSeg tissue: unlabeled tiles cut from two
     slides, annotated tiles beside them, split, a (very short) CDCL training, nuclei for both slides."""
