@@ -14,7 +14,8 @@ and .md with:
   device synchronised: every other tile just before that slide's run and the rest just after it, so the two
   passes cover every tile once and last as long together as the run's forward passes (a short sample of a
   shared machine's drifting speed made the ratio swing by 0.15 between runs); the check is end-to-end / bare
-  >= 0.8, bare being all the tiles' megapixels over both passes' seconds.
+  >= 0.8, bare being all the tiles' megapixels over both passes' seconds. Each pass holds its windows in memory
+  (about 3.6 GB for the 16k slide's half), so the sizes are meant for benchmarking, not for arbitrary slides.
 
     python benchmarks/wsi_memory.py --checkpoint runs/x/best.pt [--device cuda] [--workers 8]
     python benchmarks/wsi_memory.py --stand-in --sizes 2048 8192      # pipeline only, no trained model

@@ -257,6 +257,7 @@ SPLIT_ARGUMENTS = {
                      ("fraction '3/2' must be greater than 0 and at most 1",)),
     "unknown-format": ("--format svs", ["--labeled", "1/4", "--format", "svs"],
                        ("argument --format: invalid choice: 'svs'",)),
+    "negative-seed": ("--seed -1", ["--labeled", "1/4", "--format", "folder", "--seed", "-1"], ("--seed must be 0 or more",)),
 }
 
 
@@ -668,23 +669,26 @@ TILES_CASES = {
     "text-as-slide": ("text file named .svs", [], ("slide.svs", "cannot read slide")),
     "missing-slide": ("slide path that does not exist", [], ("slide.tif", "no such file or folder")),
     "empty-folder": ("a folder without slides", [], ("empty", "no slides in folder")),
+    "nan-tile-mpp": ("--tile-mpp nan", ["--tile-mpp", "nan"], ("--tile-mpp must be between 0.01 and 50",)),
+    "zero-tile-mpp": ("--tile-mpp 0", ["--tile-mpp", "0"], ("--tile-mpp must be between 0.01 and 50",)),
+    "negative-seed": ("--seed -1", ["--seed", "-1"], ("--seed 0 or more",)),
 }
 
 
 @pytest.mark.parametrize("case", list(TILES_CASES))
 def test_tiles_refuses_what_is_not_a_usable_slide(tmp_path, record, case):
     given, extra, mentions = TILES_CASES[case]
-    slide = tmp_path / mentions[0] if case != "tiny-size" else tmp_path / "slide.tif"
+    slide = tmp_path / {"text-as-slide": "slide.svs", "empty-folder": "empty"}.get(case, "slide.tif")
     if case == "blank-slide":
         write_pyramid(slide, np.full((512, 512, 3), 255, np.uint8), mpp=0.5)
     elif case == "no-mpp":
         write_slide(slide, mpp=None)
-    elif case in ("too-little-tissue", "tiny-size"):
-        write_slide(slide)
     elif case == "text-as-slide":
         slide.write_text("not a slide\n")
     elif case == "empty-folder":
         slide.mkdir()
+    elif case != "missing-slide":
+        write_slide(slide)
     out = tmp_path / "out"
     result = run_cdcl("tiles", slide, "--out", out, *extra)
     record("tiles", given, result, "exit 2")

@@ -25,10 +25,11 @@ def mosaic(shared_data) -> np.ndarray:
     return monuseg_mosaic(shared_data, 1200, 1000, margin=100)
 
 
-def positions(folder, stem: str) -> dict[tuple[int, int], np.ndarray]:
+def positions(folder, stem: str, settings: str = "256px") -> dict[tuple[int, int], np.ndarray]:
+    """Tiles by the level-0 corner in their name."""
     found = {}
-    for path in sorted(folder.iterdir()):
-        x, y = map(int, re.fullmatch(rf"{stem}_x(\d+)_y(\d+)\.png", path.name).groups())
+    for path in sorted(folder.glob(f"{stem}_x*_{settings}.png")):
+        x, y = map(int, re.fullmatch(rf"{stem}_x(\d+)_y(\d+)_{settings}\.png", path.name).groups())
         found[x, y] = np.asarray(Image.open(path))
     return found
 
@@ -49,7 +50,9 @@ def test_tiles_are_tissue_crops_of_the_slide_named_by_their_level_0_corner(tmp_p
         assert main(args) == 0  # the same command again: the same tiles, none rewritten
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
     assert "4 tiles (0 written now, 4 already there)" in caplog.text
-    assert main([*args, "--seed", "1", "--per-slide", "9"]) == 0 and len(list(out.iterdir())) > 4
+    assert main([*args, "--seed", "1", "--per-slide", "9"]) == 0 and len(positions(out, "slide")) > 4
+    assert main([*args, "--size", "128"]) == 0  # another size: other files, not those of 256 px counted again
+    assert len(positions(out, "slide", "128px")) == 4 and all(p.shape == (128, 128, 3) for p in positions(out, "slide", "128px").values())
 
     # the folder is the unlabeled half of a `folder` dataset beside one annotated image
     (tmp_path / "lab" / "masks").mkdir()
@@ -63,10 +66,22 @@ def test_tiles_at_a_coarser_resolution_come_from_the_matching_level(tmp_path, mo
     slide = write_pyramid(tmp_path / "slide.tif", mosaic, mpp=0.25)
     assert main(["tiles", str(slide), "--out", str(tmp_path / "out"), "--tile-mpp", "0.5", "--per-slide", "10"]) == 0
     level1 = np.asarray(Image.fromarray(mosaic).reduce(2))  # the pyramid's 0.5 um/px level
-    tiles = positions(tmp_path / "out", "slide")
+    tiles = positions(tmp_path / "out", "slide", "256px_0.5um")
     assert sorted(tiles) == [(0, 0), (512, 0)]  # the only full 256 px cells of the 600 x 500 level, both >= 50% tissue
     for (x, y), pixels in tiles.items():
         np.testing.assert_array_equal(pixels, level1[y // 2 : y // 2 + 256, x // 2 : x // 2 + 256])
+
+
+def test_a_slide_without_tissue_does_not_stop_the_others(tmp_path, mosaic, capsys) -> None:
+    folder, out = tmp_path / "slides", tmp_path / "out"
+    folder.mkdir()
+    write_pyramid(folder / "a.tif", mosaic[:, :600], mpp=0.25)
+    write_pyramid(folder / "b.tif", np.full((600, 600, 3), 255, np.uint8), mpp=0.25)
+    write_pyramid(folder / "c.tif", mosaic[:, 600:], mpp=0.25)
+    assert main(["tiles", str(folder), "--out", str(out), "--per-slide", "3"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("cdcl tiles: error: 1 of 3 slides failed") and "b.tif: no tissue found" in last
+    assert len(positions(out, "a")) == len(positions(out, "c")) == 3
 
 
 def test_the_lab_recipe_runs_from_slides_and_annotated_tiles_to_nuclei_for_every_slide(tmp_path, shared_data, mosaic) -> None:

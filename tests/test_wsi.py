@@ -274,7 +274,11 @@ def test_predict_wsi_takes_a_folder_of_slides_and_skips_the_finished_ones(tmp_pa
     written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     assert sorted(written) == sorted(f"{stem}{suffix}" for stem in ("left", "right") for suffix in cdcl.wsi.OUTPUTS)
 
-    (out / "right.partial").mkdir()  # as left by a run killed between writing the summary and removing the journal
+    # journals as left by a run killed between writing its summary and removing them: the right slide's, with
+    # the same settings, goes; one of another tiling, still resumable, stays
+    for stem, tile in (("right", 256), ("left", 512)):
+        (out / f"{stem}.partial").mkdir()
+        (out / f"{stem}.partial" / "run.json").write_text(json.dumps({**summaries[stem]["settings"], "tile": tile, "tiles": []}))
     os.utime(folder / "left.tif", ns=(1, 1))  # the left slide is replaced: its old outputs no longer apply
     caplog.clear()
     with caplog.at_level(logging.INFO):
@@ -282,25 +286,62 @@ def test_predict_wsi_takes_a_folder_of_slides_and_skips_the_finished_ones(tmp_pa
     assert "right.tif: already done" in caplog.text and "left.tif: already done" not in caplog.text
     assert (out / "right_nuclei.csv").stat().st_mtime_ns == written["right_nuclei.csv"]  # not rewritten
     assert (out / "left_nuclei.csv").stat().st_mtime_ns > written["left_nuclei.csv"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(written)  # the leftover journal is gone
+    assert not (out / "right.partial").exists() and not (out / "left.partial").exists()  # the left one: restarted, then done
 
 
-@pytest.mark.parametrize("case", ["unreadable", "same_name"])
-def test_a_bad_slide_among_several_stops_the_run_before_any_is_predicted(tmp_path, mosaic, checkpoint, capsys, case) -> None:
-    good, out = write_pyramid(tmp_path / "good.tif", mosaic, mpp=0.25), tmp_path / "out"
-    other = tmp_path / "other"
-    other.mkdir()
-    if case == "unreadable":
-        bad = other / "bad.svs"
-        bad.write_text("not a slide\n")
-        message = "bad.svs: cannot read slide"
-    else:
-        bad = write_pyramid(other / "good.tiff", mosaic, mpp=0.25)
-        message = "good.tiff: two inputs share the name 'good'"
-    assert main(["predict-wsi", "--checkpoint", checkpoint, str(good), str(other), "--out", str(out), "--workers", "0"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err
-    assert not out.exists()  # nothing predicted, not even the good slide
+def test_a_slide_that_fails_midway_does_not_stop_the_others(tmp_path, mosaic, checkpoint, capsys) -> None:
+    """Opening and resolution are checked before the batch starts; no tissue is only found at the slide's turn."""
+    folder, out = tmp_path / "slides", tmp_path / "out"
+    folder.mkdir()
+    write_pyramid(folder / "a.tif", mosaic[:, :600], mpp=0.25)
+    write_pyramid(folder / "b.tif", np.full((600, 600, 3), 255, np.uint8), mpp=0.25)  # blank: no tissue
+    write_pyramid(folder / "c.tif", mosaic[:, 600:], mpp=0.25)
+    args = ["predict-wsi", "--checkpoint", checkpoint, str(folder), "--out", str(out), "--tile", "256", "--workers", "0"]
+    for _ in range(2):  # the re-run skips a and c and fails on b again
+        assert main(args) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("cdcl predict-wsi: error: 1 of 3 slides failed") and "b.tif: no tissue found" in last
+        assert sorted(p.name for p in out.iterdir()) == sorted(f"{s}{x}" for s in "ac" for x in cdcl.wsi.OUTPUTS)
+
+
+def test_a_summary_only_vouches_for_outputs_of_its_own_run(tmp_path, mosaic, checkpoint, monkeypatch) -> None:
+    """A run with other settings killed after writing its GeoJSON, CSV and overlay but before its summary must not
+    leave the first run's summary vouching for the new files."""
+    slide, out = write_pyramid(tmp_path / "s.tif", mosaic, mpp=0.25), tmp_path / "out"
+    args = ["predict-wsi", "--checkpoint", checkpoint, str(slide), "--out", str(out), "--workers", "0"]
+    assert main([*args, "--tile", "256"]) == 0
+    write_json = cdcl.wsi.write_json_atomic
+
+    def killed_before_the_summary(path, obj):
+        if path.name.endswith("_summary.json"):
+            raise KeyboardInterrupt
+        write_json(path, obj)
+
+    monkeypatch.setattr(cdcl.wsi, "write_json_atomic", killed_before_the_summary)
+    assert main([*args, "--tile", "512", "--halo", "0"]) == 130  # interrupted
+    assert not (out / "s_summary.json").exists() and (out / "s.geojson").exists()
+    monkeypatch.setattr(cdcl.wsi, "write_json_atomic", write_json)
+    assert main([*args, "--tile", "256"]) == 0  # predicted again, not "already done"
+    summary = json.loads((out / "s_summary.json").read_text())
+    assert summary["tile"] == 256 and summary["nuclei"] == len(check_geojson(out / "s.geojson")["features"])
+
+
+def test_every_slide_of_a_batch_records_the_checkpoint_that_predicted_it(tmp_path, mosaic, checkpoint, monkeypatch) -> None:
+    """A checkpoint rewritten during a batch (training still saving best.pt) must not be named by later slides."""
+    for stem in ("a", "b"):
+        write_pyramid(tmp_path / f"{stem}.tif", mosaic[:300, :300], mpp=0.25)
+    keys = []
+
+    def predict_slide(*args, run_key, **kwargs):
+        keys.append(run_key["checkpoint"])
+        with open(checkpoint, "ab") as fh:  # rewritten while this slide is predicted
+            fh.write(b" and more")
+        return {"nuclei": 0, "tiles": {"tissue": 0}, "seconds": 0.0, "megapixels_per_s": None}
+
+    monkeypatch.setattr(cdcl.wsi, "predict_slide", predict_slide)
+    size = os.path.getsize(checkpoint)
+    assert main(["predict-wsi", "--checkpoint", checkpoint, str(tmp_path / "a.tif"), str(tmp_path / "b.tif"), "--out", str(tmp_path / "o")]) == 0
+    assert [key["bytes"] for key in keys] == [size, size]
 
 
 def test_the_resume_key_holds_the_device_and_precision(tmp_path, mosaic, checkpoint, monkeypatch) -> None:

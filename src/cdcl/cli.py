@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "slide's value)")
     p.add_argument("--min-tissue", type=float, default=0.5, metavar="FRACTION", help="least share of a tile in the tissue mask "
                    "(default: 0.5)")
-    p.add_argument("--seed", type=int, default=0, help="which tiles are drawn (default: 0); a re-run keeps those already written")
+    p.add_argument("--seed", type=int, default=0, help="which tiles are drawn (default: 0); tiles already written are kept")
     p.set_defaults(handler="cdcl.tiles:run")
 
     p = sub.add_parser("split", help="write labeled/unlabeled/val/test lists for a label budget")
@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labeled", required=True, metavar="FRACTION", help="labeled fraction of the training items: 0.0625, 1/16, ...")
     p.add_argument("--seed", type=int, default=0, help="split seed (same inputs + seed = byte-identical files)")
     p.add_argument("--tile", type=int, default=None, metavar="PX", help="cut training images into PX x PX tiles (monuseg default: 250; 0: whole images)")
-    p.add_argument("--val", type=float, default=None, metavar="FRACTION", help="validation share of the training images")
-    p.add_argument("--test", type=float, default=None, metavar="FRACTION", help="test share when the dataset has no official test set")
+    p.add_argument("--val", type=float, default=None, metavar="FRACTION", help="validation share of the annotated training images (default: 0.1)")
+    p.add_argument("--test", type=float, default=None, metavar="FRACTION", help="test share of the annotated images when the dataset has no official test set (default: 0.2)")
     _add_out(p)
     p.set_defaults(handler="cdcl.data.splits:run")
 

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +26,8 @@ from skimage.filters import threshold_otsu
 from cdcl.errors import CdclError
 from cdcl.export import label_centroids, nuclei_polygons, nuclei_table
 from cdcl.postprocess import instances_from_probability
+
+log = logging.getLogger(__name__)
 
 BACKGROUND = (255, 255, 255)
 RESIDUAL_TOLERANCE = 0.10  # a level within 10% of the target resolution is used without resizing
@@ -204,6 +206,26 @@ def open_slide(path: str | Path, mpp_override: float | None = None, need_mpp: bo
         raise CdclError(f"implausible resolution in the slide's metadata: {reader.mpp:.4g} microns per pixel (a "
                         "default 72 dpi header?); pass --mpp", path)
     return reader
+
+
+def for_each_slide(readers: Sequence[SlideReader], work: Callable[[SlideReader], None]) -> None:
+    """``work(reader)`` for every slide of a batch. A slide that fails with a CdclError (no tissue, a damaged tile,
+    another run writing it) is reported and the others still run; then one CdclError names every failed slide.
+    A single slide's own error is raised as it is."""
+    failures = []
+    for number, reader in enumerate(readers, 1):
+        if len(readers) > 1:
+            log.info("slide %d of %d: %s", number, len(readers), reader.name)
+        try:
+            work(reader)
+        except CdclError as err:
+            if len(readers) == 1:
+                raise
+            log.error("%s (going on with the other slides)", err)
+            failures.append(str(err))
+    if failures:
+        raise CdclError(f"{len(failures)} of {len(readers)} slides failed (the others are done; a re-run retries "
+                        f"only these): {'; '.join(failures)}")
 
 
 def choose_level(reader: SlideReader, target_mpp: float | None) -> tuple[int, float]:

@@ -54,8 +54,8 @@ from cdcl.handoff import SHM_FOLDER, SharedTileHandoff, remove_orphaned_blocks, 
 from cdcl.infer import PendingProbability, start_probability
 from cdcl.io import collect_inputs, ensure_writable_dir, remove_leftover_temporaries, write_json_atomic
 from cdcl.slide import (
-    SLIDE_SUFFIXES, THUMB_SIDE, Grid, SlideReader, choose_level, open_slide, ready, tile_nuclei_json, tissue_mask, tissue_tiles,
-    yield_to_prediction,
+    SLIDE_SUFFIXES, THUMB_SIDE, Grid, SlideReader, choose_level, for_each_slide, open_slide, ready, tile_nuclei_json,
+    tissue_mask, tissue_tiles, yield_to_prediction,
 )
 from cdcl.viz import save_png
 
@@ -253,6 +253,16 @@ def finished_summary(out_dir: Path, stem: str, settings: dict[str, Any]) -> dict
     return summary if same and all((out_dir / f"{stem}{suffix}").is_file() for suffix in OUTPUTS) else None
 
 
+def _remove_own_journal(folder: Path, settings: dict[str, Any]) -> None:
+    """Remove the journal left by a finished run with ``settings``; one of other settings may still be resumed."""
+    try:
+        key = json.loads((folder / "run.json").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(key, dict) and all(key.get(name) == value for name, value in json.loads(json.dumps(settings)).items()):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def only_run(out_dir: Path, stem: str) -> Iterator[None]:
     """Hold ``<out>/.<stem>.lock`` for the run: a second run of the same slide into the same folder would append
@@ -296,10 +306,12 @@ def predict_slide(
     with only_run(out_dir, stem):  # the lock covers the outputs too
         done = finished_summary(out_dir, stem, settings) if run_key is not None else None
         if done is not None:
-            shutil.rmtree(out_dir / f"{stem}.partial", ignore_errors=True)  # a run killed just before removing it
+            _remove_own_journal(out_dir / f"{stem}.partial", settings)  # a run killed just before removing it
             log.info("%s: already done with these settings (%s); delete it to predict again", reader.name,
                      out_dir / f"{stem}_summary.json")
-            return done
+            return {**done, "skipped": True}
+        # from here on a summary may only vouch for this run's outputs: one of a run with other settings goes now
+        (out_dir / f"{stem}_summary.json").unlink(missing_ok=True)
         with _start_pool(workers) as pool:  # its workers start while the slide is opened and its tissue found
             level, residual = choose_level(reader, predictor.mpp)
             grid = Grid.for_slide(reader, level, residual, tile, halo)
@@ -344,25 +356,32 @@ def run(args: argparse.Namespace) -> int:
     if args.halo < 0 or (args.workers is not None and args.workers < 0) or (args.batch_size is not None and args.batch_size < 1):
         raise CdclError("--halo and --workers must be >= 0 and --batch-size >= 1")
     paths = collect_inputs(args.slides, SLIDE_SUFFIXES, "slides")
+    # the file loaded now, whatever becomes of it during a long batch (a missing one: load_predictor's error)
+    checkpoint = _file_key(args.checkpoint) if Path(args.checkpoint).is_file() else None
     predictor = load_predictor(args.checkpoint, device=args.device, batch_size=args.batch_size)
+    if _file_key(args.checkpoint) != checkpoint:
+        raise CdclError("the checkpoint changed while it was being loaded (a training run saving it?); run again", args.checkpoint)
     if predictor.mpp is None:
         log.info("the checkpoint stores no training resolution: predicting at the slides' level 0%s",
                  " (--mpp only reported)" if args.mpp is not None else "")
     readers = [open_slide(path, args.mpp, need_mpp=predictor.mpp is not None) for path in paths]
+    slides = {reader.name: _file_key(reader.name) for reader in readers}
     for reader in readers:
-        choose_level(reader, predictor.mpp)  # every slide is checked before the first is predicted
+        choose_level(reader, predictor.mpp)  # every slide is opened and checked before the first is predicted
     out_dir = ensure_writable_dir(args.out)
-    nuclei = 0
-    for number, (path, reader) in enumerate(zip(paths, readers), 1):
-        run_key = {"slide": _file_key(path), "checkpoint": _file_key(args.checkpoint), "mpp": reader.mpp,
+    nuclei = []
+
+    def predict_one(reader: SlideReader) -> None:
+        run_key = {"slide": slides[reader.name], "checkpoint": checkpoint, "mpp": reader.mpp,
                    "device": predictor.device.type, "amp": predictor.amp}  # a resumed run must not mix GPU and CPU tiles
-        if len(paths) > 1:
-            log.info("slide %d of %d: %s", number, len(paths), path)
-        summary = predict_slide(predictor, reader, out_dir, stem=path.stem, tile=args.tile, halo=args.halo,
+        summary = predict_slide(predictor, reader, out_dir, stem=Path(reader.name).stem, tile=args.tile, halo=args.halo,
                                 workers=args.workers, run_key=run_key)
-        nuclei += summary["nuclei"]
-        log.info("%d nuclei in %d tiles, %.1f s (%s megapixels/s) -> %s", summary["nuclei"], summary["tiles"]["tissue"],
-                 summary["seconds"], summary["megapixels_per_s"], out_dir)
-    if len(paths) > 1:
-        log.info("%d slides, %d nuclei -> %s", len(paths), nuclei, out_dir)
+        nuclei.append(summary["nuclei"])
+        if not summary.get("skipped"):
+            log.info("%d nuclei in %d tiles, %.1f s (%s megapixels/s) -> %s", summary["nuclei"],
+                     summary["tiles"]["tissue"], summary["seconds"], summary["megapixels_per_s"], out_dir)
+
+    for_each_slide(readers, predict_one)
+    if len(readers) > 1:
+        log.info("%d slides, %d nuclei -> %s", len(readers), sum(nuclei), out_dir)
     return 0

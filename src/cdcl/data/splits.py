@@ -220,6 +220,8 @@ def read_split_file(path: str | Path, dataset: NucleiDataset) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """``cdcl split``: write the four lists and split.json for one label budget."""
+    if args.seed < 0:
+        raise CdclError(f"--seed must be 0 or more, got {args.seed}")
     dataset = load_dataset(args.data, args.format)
     tile = args.tile if args.tile is not None else DEFAULT_TILE.get(args.format)
     split = make_split(
