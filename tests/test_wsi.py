@@ -304,12 +304,26 @@ def test_a_slide_that_fails_midway_does_not_stop_the_others(tmp_path, mosaic, ch
         assert sorted(p.name for p in out.iterdir()) == sorted(f"{s}{x}" for s in "ac" for x in cdcl.wsi.OUTPUTS)
 
 
-def test_a_summary_only_vouches_for_outputs_of_its_own_run(tmp_path, mosaic, checkpoint, monkeypatch) -> None:
-    """A run with other settings killed after writing its GeoJSON, CSV and overlay but before its summary must not
-    leave the first run's summary vouching for the new files."""
+def test_a_summary_only_vouches_for_outputs_of_its_own_run(tmp_path, mosaic, checkpoint, monkeypatch, caplog) -> None:
+    """A run with other settings stopped before it writes any output leaves the finished run skippable; one killed
+    after writing its GeoJSON, CSV and overlay but before its summary must not leave the first run's summary
+    vouching for the new files."""
     slide, out = write_pyramid(tmp_path / "s.tif", mosaic, mpp=0.25), tmp_path / "out"
     args = ["predict-wsi", "--checkpoint", checkpoint, str(slide), "--out", str(out), "--workers", "0"]
     assert main([*args, "--tile", "256"]) == 0
+    finished = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # a run of other settings stopped before it replaced any output...
+        patch.setattr(cdcl.wsi, "_predict_tiles", interrupted)
+        assert main([*args, "--tile", "512"]) == 130
+    with caplog.at_level(logging.INFO):  # ...leaves the finished run finished, and its own journal resumable
+        assert main([*args, "--tile", "256"]) == 0
+    assert "already done" in caplog.text and (out / "s.partial").is_dir()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == finished
+
     write_json = cdcl.wsi.write_json_atomic
 
     def killed_before_the_summary(path, obj):

@@ -79,7 +79,8 @@ def _read_within(size: tuple[int, int], x: int, y: int, width: int, height: int,
 def _silence_abandoned_reads() -> None:
     """tiffslide reads through zarr's asyncio tasks: when one fails, its siblings are abandoned, and at exit asyncio
     logs each with a traceback ("Task exception was never retrieved", "coroutine ... was never awaited"). The first
-    failure is the one reported (as a CdclError that ends the command), so the rest is silenced."""
+    failure is the one reported (as a CdclError that ends the command, or in a batch that slide), so the rest is
+    silenced, for the rest of the process."""
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
@@ -224,8 +225,9 @@ def for_each_slide(readers: Sequence[SlideReader], work: Callable[[SlideReader],
             log.error("%s (going on with the other slides)", err)
             failures.append(str(err))
     if failures:
-        raise CdclError(f"{len(failures)} of {len(readers)} slides failed (the others are done; a re-run retries "
-                        f"only these): {'; '.join(failures)}")
+        rest = "the others are done; " if len(failures) < len(readers) else ""
+        raise CdclError(f"{len(failures)} of {len(readers)} slides failed ({rest}a re-run keeps what is done): "
+                        f"{'; '.join(failures)}")
 
 
 def choose_level(reader: SlideReader, target_mpp: float | None) -> tuple[int, float]:

@@ -310,8 +310,6 @@ def predict_slide(
             log.info("%s: already done with these settings (%s); delete it to predict again", reader.name,
                      out_dir / f"{stem}_summary.json")
             return {**done, "skipped": True}
-        # from here on a summary may only vouch for this run's outputs: one of a run with other settings goes now
-        (out_dir / f"{stem}_summary.json").unlink(missing_ok=True)
         with _start_pool(workers) as pool:  # its workers start while the slide is opened and its tissue found
             level, residual = choose_level(reader, predictor.mpp)
             grid = Grid.for_slide(reader, level, residual, tile, halo)
@@ -328,6 +326,8 @@ def predict_slide(
             with tqdm(total=len(tiles), initial=len(tiles) - len(todo), desc=stem, unit="tile", disable=None) as bar:
                 _predict_tiles(predictor, reader, grid, todo, journal, pool, workers, bar)
             predict_seconds = time.perf_counter() - predict_start
+        # the outputs are replaced now: a summary of a run with other settings must not vouch for the new ones
+        (out_dir / f"{stem}_summary.json").unlink(missing_ok=True)
         n_nuclei = write_outputs(journal, out_dir, stem, thumbnail, reader.dimensions[0])
         megapixels = sum((x1 - x0) * (y1 - y0) for _, (x0, y0, x1, y1) in todo) / 1e6
         summary = {
@@ -343,10 +343,14 @@ def predict_slide(
     return summary
 
 
-def _file_key(path: str | Path) -> dict[str, Any]:
-    """Identity of an input file for the resume check: path, size and modification time."""
+def _file_key(path: str | Path) -> dict[str, Any] | None:
+    """Identity of an input file for the resume check: path, size and modification time (None: no such file;
+    its reader reports that)."""
     path = Path(path).resolve()
-    stat = path.stat()
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
     return {"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
@@ -356,8 +360,7 @@ def run(args: argparse.Namespace) -> int:
     if args.halo < 0 or (args.workers is not None and args.workers < 0) or (args.batch_size is not None and args.batch_size < 1):
         raise CdclError("--halo and --workers must be >= 0 and --batch-size >= 1")
     paths = collect_inputs(args.slides, SLIDE_SUFFIXES, "slides")
-    # the file loaded now, whatever becomes of it during a long batch (a missing one: load_predictor's error)
-    checkpoint = _file_key(args.checkpoint) if Path(args.checkpoint).is_file() else None
+    checkpoint = _file_key(args.checkpoint)  # the file loaded now, whatever becomes of it during a long batch
     predictor = load_predictor(args.checkpoint, device=args.device, batch_size=args.batch_size)
     if _file_key(args.checkpoint) != checkpoint:
         raise CdclError("the checkpoint changed while it was being loaded (a training run saving it?); run again", args.checkpoint)
