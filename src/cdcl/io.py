@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
-import os
 import logging
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
