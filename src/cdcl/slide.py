@@ -209,6 +209,15 @@ def open_slide(path: str | Path, mpp_override: float | None = None, need_mpp: bo
     return reader
 
 
+def open_slides(paths: Sequence[Path], mpp_override: float | None, target_mpp: float | None) -> list[FileSlideReader]:
+    """Every slide of a batch opened (:func:`open_slide`) and checked against ``target_mpp`` (the resolution to
+    read at; None: level 0) before any is read, so a bad one stops the command before it has done anything."""
+    readers = [open_slide(path, mpp_override, need_mpp=target_mpp is not None) for path in paths]
+    for reader in readers:
+        choose_level(reader, target_mpp)
+    return readers
+
+
 def for_each_slide(readers: Sequence[SlideReader], work: Callable[[SlideReader], None]) -> None:
     """``work(reader)`` for every slide of a batch. A slide that fails with a CdclError (no tissue, a damaged tile,
     another run writing it) is reported and the others still run; then one CdclError names every failed slide.

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from cdcl.errors import CdclError
 from cdcl.io import collect_inputs, ensure_writable_dir
 from cdcl.slide import (
-    PLAUSIBLE_MPP, RESIDUAL_TOLERANCE, SLIDE_SUFFIXES, THUMB_SIDE, Grid, SlideReader, choose_level, for_each_slide, open_slide,
+    PLAUSIBLE_MPP, RESIDUAL_TOLERANCE, SLIDE_SUFFIXES, THUMB_SIDE, Grid, SlideReader, choose_level, for_each_slide, open_slides,
     tissue_mask, tissue_tiles,
 )
 from cdcl.viz import save_png
@@ -62,9 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tile_mpp is not None and not PLAUSIBLE_MPP[0] <= args.tile_mpp <= PLAUSIBLE_MPP[1]:
         raise CdclError(f"--tile-mpp must be between {PLAUSIBLE_MPP[0]} and {PLAUSIBLE_MPP[1]} microns per pixel, got {args.tile_mpp}")
     paths = collect_inputs(args.slides, SLIDE_SUFFIXES, "slides")
-    readers = [open_slide(path, args.mpp, need_mpp=args.tile_mpp is not None) for path in paths]
-    for reader in readers:
-        choose_level(reader, args.tile_mpp)  # every slide is opened and checked before the first is cut
+    readers = open_slides(paths, args.mpp, args.tile_mpp)
     resolutions = sorted({reader.mpp for reader in readers if reader.mpp is not None})
     if args.tile_mpp is None and resolutions and resolutions[-1] > resolutions[0] * (1 + RESIDUAL_TOLERANCE):
         log.warning("the slides' level 0 ranges from %.3g to %.3g um/px: without --tile-mpp their tiles differ in "

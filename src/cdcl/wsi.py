@@ -54,7 +54,7 @@ from cdcl.handoff import SHM_FOLDER, SharedTileHandoff, remove_orphaned_blocks, 
 from cdcl.infer import PendingProbability, start_probability
 from cdcl.io import collect_inputs, ensure_writable_dir, remove_leftover_temporaries, write_json_atomic
 from cdcl.slide import (
-    SLIDE_SUFFIXES, THUMB_SIDE, Grid, SlideReader, choose_level, for_each_slide, open_slide, ready, tile_nuclei_json,
+    SLIDE_SUFFIXES, THUMB_SIDE, Grid, SlideReader, choose_level, for_each_slide, open_slides, ready, tile_nuclei_json,
     tissue_mask, tissue_tiles, yield_to_prediction,
 )
 from cdcl.viz import save_png
@@ -88,6 +88,20 @@ def _unchanged(sample: dict[str, Any]) -> dict[str, Any]:
     return sample
 
 
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """A JSON object an earlier run wrote (settings, a summary); None when missing, damaged or not an object."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _as_recorded(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists), to compare with a record."""
+    return json.loads(json.dumps(obj))
+
+
 class Journal:
     """Finished tiles as JSON lines, next to the settings that produced them (resume or restart cleanly)."""
 
@@ -95,7 +109,7 @@ class Journal:
         self.folder, self.lines = folder, folder / "tiles.jsonl"
         self.finished: set[int] = set()
         run_file = folder / "run.json"
-        if run_file.is_file() and self.lines.is_file() and self._same_key(run_file, key):
+        if self.lines.is_file() and _read_record(run_file) == _as_recorded(key):
             try:
                 self.finished = self._recover()
                 return
@@ -107,13 +121,6 @@ class Journal:
         folder.mkdir(parents=True)
         self.lines.touch()
         write_json_atomic(run_file, key)
-
-    @staticmethod
-    def _same_key(run_file: Path, key: dict[str, Any]) -> bool:
-        try:
-            return json.loads(run_file.read_text()) == json.loads(json.dumps(key))
-        except (OSError, ValueError):
-            return False
 
     def _recover(self) -> set[int]:
         """Indices of complete lines; a line cut by a kill (no final newline) is truncated away."""
@@ -245,21 +252,15 @@ def write_outputs(journal: Journal, out_dir: Path, stem: str, thumbnail: np.ndar
 def finished_summary(out_dir: Path, stem: str, settings: dict[str, Any]) -> dict[str, Any] | None:
     """The summary of an earlier run of ``stem`` with these ``settings`` whose outputs are all in place, else
     None. The summary is written after the other outputs, so its presence means they are complete."""
-    try:
-        summary = json.loads((out_dir / f"{stem}_summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    same = isinstance(summary, dict) and summary.get("settings") == json.loads(json.dumps(settings))
+    summary = _read_record(out_dir / f"{stem}_summary.json")
+    same = summary is not None and summary.get("settings") == _as_recorded(settings)
     return summary if same and all((out_dir / f"{stem}{suffix}").is_file() for suffix in OUTPUTS) else None
 
 
 def _remove_own_journal(folder: Path, settings: dict[str, Any]) -> None:
     """Remove the journal left by a finished run with ``settings``; one of other settings may still be resumed."""
-    try:
-        key = json.loads((folder / "run.json").read_text())
-    except (OSError, ValueError):
-        return
-    if isinstance(key, dict) and all(key.get(name) == value for name, value in json.loads(json.dumps(settings)).items()):
+    key = _read_record(folder / "run.json")
+    if key is not None and all(key.get(name) == value for name, value in _as_recorded(settings).items()):
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -367,10 +368,8 @@ def run(args: argparse.Namespace) -> int:
     if predictor.mpp is None:
         log.info("the checkpoint stores no training resolution: predicting at the slides' level 0%s",
                  " (--mpp only reported)" if args.mpp is not None else "")
-    readers = [open_slide(path, args.mpp, need_mpp=predictor.mpp is not None) for path in paths]
+    readers = open_slides(paths, args.mpp, predictor.mpp)
     slides = {reader.name: _file_key(reader.name) for reader in readers}
-    for reader in readers:
-        choose_level(reader, predictor.mpp)  # every slide is opened and checked before the first is predicted
     out_dir = ensure_writable_dir(args.out)
     nuclei = []
 
