@@ -30,7 +30,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "runs"
 DEFAULT_DATA = "../shared/data"  # relative to the repository root, as in the configs
 METHODS = ("supervised", "mean_teacher", "fixmatch", "cdcl")
-METRICS = ("dice", "iou", "aji", "pq")
+METRICS = ("dice", "iou", "aji", "pq", "precision")
 FRACTIONS = {"1-32": 1 / 32, "1-16": 1 / 16, "1-8": 1 / 8, "full": 1.0}
 ABLATIONS = {
     "cdcl-no-contrastive": ["method.w_contr=0"],
@@ -51,6 +51,13 @@ TUNING = {
     "cdcl-anchors-teacher": ("cdcl", ["method.anchor_source=teacher"]),
     "cdcl-unlabeled16": ("cdcl", ["data.unlabeled_batch_size=16"]),
 }
+
+
+OLD_MODEL = ["model.output_stride=4", "model.instances=binary"]
+"""The paper's model (two classes at 1/4 resolution): rows trained with it carry the suffix ``-old``; a plain
+method name always means the current default model."""
+REPRESENTATION_VARIANTS = {"distance": ["model.instances=distance"], "binary-s1": ["model.instances=binary"]}
+"""The instance representations the default (three_class) was compared against, on the same splits and seeds."""
 
 
 @dataclass
@@ -78,6 +85,14 @@ class Run:
 def plan() -> list[Run]:
     """The order matters: the headline comparisons first, so an interrupted sweep has them."""
     runs: list[Run] = []
+    # The instance model (issue 18): the default representation beside its alternatives, then CDCL and full labels.
+    runs.append(Run("monuseg", "1-16", 0, "supervised", "supervised"))
+    runs.append(Run("monuseg", "1-16", 0, "supervised-distance", "supervised", REPRESENTATION_VARIANTS["distance"]))
+    for seed in (0, 1, 2):
+        runs.append(Run("monuseg", "full", seed, "supervised", "supervised"))
+        runs.append(Run("monuseg", "1-16", seed, "cdcl", "cdcl"))
+        runs.append(Run("monuseg", "1-16", seed, "supervised", "supervised"))
+    runs.append(Run("monuseg", "1-16", 0, "supervised-binary-s1", "supervised", REPRESENTATION_VARIANTS["binary-s1"]))
     for pair in (("supervised", "cdcl"), ("mean_teacher", "fixmatch")):
         for budget in ("1-16", "1-32"):
             for seed in (0, 1, 2):
@@ -93,7 +108,10 @@ def plan() -> list[Run]:
         runs.extend(Run("monuseg", "1-8", seed, name, "cdcl", overrides) for name, overrides in ABLATIONS.items())
     for seed in (0, 1, 2):
         runs.extend(Run("dsb2018", "1-8", seed, method, method) for method in METHODS)
-    return runs
+    unique: dict[str, Run] = {}
+    for run in runs:
+        unique.setdefault(run.key, run)
+    return list(unique.values())
 
 
 def select(runs: list[Run], prefixes: list[str]) -> list[Run]:
@@ -225,16 +243,21 @@ def speed(recs: list[dict]) -> str:
 
 
 def paired_gaps(groups: dict, dataset: str = "monuseg") -> list[str]:
-    """CDCL minus each baseline on the same split and seed, in Dice and AJI points: the target's test."""
-    lines = ["| labeled | CDCL minus | seeds | Dice points | AJI points |", "|---|---|---|---|---|"]
+    """CDCL minus each baseline on the same split and seed, in Dice and AJI points: the target's test; the new
+    model against the old one likewise."""
+    lines = ["| labeled | minuend | minus | seeds | Dice points | AJI points | PQ points |", "|---|---|---|---|---|---|---|"]
+    comparisons = [(f"cdcl{suffix}", f"{base}{suffix}") for suffix in ("", "-old")
+                   for base in ("supervised", "mean_teacher", "fixmatch")]
+    comparisons += [(name, f"{name}-old") for name in METHODS]
+    comparisons += [("supervised", f"supervised-{name}") for name in REPRESENTATION_VARIANTS]
     for budget in FRACTIONS:
-        cdcl_runs = {r["seed"]: r for r in groups.get((dataset, budget, "cdcl"), [])}
-        for base in ("supervised", "mean_teacher", "fixmatch"):
-            pairs = [(cdcl_runs[r["seed"]], r) for r in groups.get((dataset, budget, base), []) if r["seed"] in cdcl_runs]
+        for minuend, base in comparisons:
+            by_seed = {r["seed"]: r for r in groups.get((dataset, budget, minuend), [])}
+            pairs = [(by_seed[r["seed"]], r) for r in groups.get((dataset, budget, base), []) if r["seed"] in by_seed]
             if pairs:
-                gaps = {k: [100 * (c["mean"][k] - b["mean"][k]) for c, b in pairs] for k in ("dice", "aji")}
-                lines.append(f"| {budget.replace('-', '/')} | {base} | {len(pairs)} | "
-                             f"{mean_sd(gaps['dice'], 1)} | {mean_sd(gaps['aji'], 1)} |")
+                gaps = {k: [100 * (c["mean"][k] - b["mean"][k]) for c, b in pairs] for k in ("dice", "aji", "pq")}
+                lines.append(f"| {budget.replace('-', '/')} | {minuend} | {base} | {len(pairs)} | "
+                             f"{mean_sd(gaps['dice'], 1)} | {mean_sd(gaps['aji'], 1)} | {mean_sd(gaps['pq'], 1)} |")
     return lines
 
 
@@ -266,7 +289,7 @@ def plot(groups: dict) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("dice", "aji")):
-        for method in METHODS:
+        for method, style in [(m, "-") for m in METHODS] + [(f"{m}-old", ":") for m in METHODS]:
             xs, ys, es = [], [], []
             for budget, frac in FRACTIONS.items():
                 recs = groups.get(("monuseg", budget, method), [])
@@ -278,7 +301,7 @@ def plot(groups: dict) -> None:
                 ys.append(m)
                 es.append(math.sqrt(sum((v - m) ** 2 for v in vals) / max(1, len(vals) - 1)) if len(vals) > 1 else 0)
             if xs:
-                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method, linestyle=style)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("labeled fraction of MoNuSeg training tiles")
         ax.set_ylabel(metric.upper() if metric != "dice" else "Dice")

@@ -29,6 +29,24 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
         torch.save(payload, tmp)
 
 
+LEAN_KEYS = ("cdcl_version", "config", "step", "complete", "best", "postprocess", "mpp")
+"""What a prediction-only checkpoint keeps besides the weights it predicts with."""
+
+
+def lean_payload(payload: dict[str, Any], half: bool = False) -> dict[str, Any]:
+    """Only what prediction needs: the weights ``predict_with`` names (no optimizer, no second model), the config,
+    thresholds and resolution. ``half`` stores floating-point weights as float16 (they load back as float32)."""
+    key = payload.get("predict_with", "student")
+    try:
+        state = payload["weights"][key]
+    except (KeyError, TypeError):
+        raise CdclError(f"checkpoint has no '{key}' weights to predict with") from None
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    lean = {k: payload[k] for k in LEAN_KEYS if k in payload}
+    return {**lean, "predict_with": key, "weights": {key: state}}
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load safely; every failure is a one-line CdclError naming the file."""
     path = Path(path)

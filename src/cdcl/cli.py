@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     p.set_defaults(handler="cdcl.evaluate:run")
 
+    p = sub.add_parser("export", help="the prediction-only model file (weights, config, thresholds) from a checkpoint")
+    p.add_argument("checkpoint", metavar="CKPT", help="a best.pt or last.pt written by `cdcl train`")
+    p.add_argument("out", metavar="OUT", help="the model file to write")
+    p.add_argument("--half", action="store_true", help="store the weights as float16 (half the size; loaded back as float32)")
+    p.set_defaults(handler="cdcl.export_model:run")
+
     p = sub.add_parser("predict", help="nuclei of images and folders: label map, GeoJSON, CSV, overlay")
     _add_checkpoint(p)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")

@@ -17,6 +17,7 @@ import yaml
 
 from cdcl.data.views import AugmentConfig
 from cdcl.errors import CdclError
+from cdcl.representations import OUTPUT_STRIDES, REPRESENTATIONS
 
 METHODS = ("supervised", "mean_teacher", "fixmatch", "cdcl")
 
@@ -42,6 +43,9 @@ class ModelConfig:
     embed_dim: int = 128  # projector output (dense embedding) width
     dropout: float = 0.3  # classifier dropout, training mode only
     pool_projector: bool = False  # average-pool features 2x before the projector (labels pooled alike)
+    output_stride: int = 1  # classifier resolution: 1 (input), 2, or 4 (the paper's model, upsampled bilinearly)
+    fine_channels: int = 32  # decoder width at stride 2 (output_stride < 4)
+    instances: str = "three_class"  # instance representation: binary | three_class | distance
 
 
 @dataclass
@@ -67,6 +71,9 @@ class MethodConfig:
     anchor_source: str = "student"  # labels/ratios of anchors from the "student" (release) or "teacher"
     use_consistency: bool = True
     use_entropy: bool = True
+    w_distance: float = 1.0  # supervised distance-map regression weight (model.instances=distance)
+    instance_consistency: bool = True  # consistency on the instance channels too (boundary class, distance map)
+    contrast_boundary: bool = False  # cdcl: boundary pixels are their own contrastive label (three_class)
 
 
 @dataclass
@@ -261,8 +268,15 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raise
 
 
+LEGACY_MODEL = {"output_stride": 4, "instances": "binary"}
+"""What a stored config without these keys (a checkpoint from before they existed) was: the paper's model."""
+
+
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Rebuild a resolved config (e.g. stored in a checkpoint) without re-applying a preset."""
+    model = values.get("model")
+    if isinstance(model, dict) and "output_stride" not in model:
+        values = {**values, "model": {**LEGACY_MODEL, **model}}
     return _build(Config, values, "")
 
 
@@ -276,6 +290,11 @@ def validate(config: Config) -> None:
         (m.warmup_iters >= 0 and m.bank_capacity >= 0, "method.warmup_iters and method.bank_capacity must be >= 0"),
         (o.name != "sgd" or o.momentum > 0, "optim.momentum must be > 0 with optim.name=sgd (Nesterov momentum)"),
         (m.name in METHODS, f"method.name must be one of {', '.join(METHODS)}, got '{m.name}'"),
+        (config.model.output_stride in OUTPUT_STRIDES,
+         f"model.output_stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got {config.model.output_stride}"),
+        (config.model.instances in REPRESENTATIONS,
+         f"model.instances must be one of {', '.join(REPRESENTATIONS)}, got '{config.model.instances}'"),
+        (m.w_distance >= 0, "method.w_distance must be >= 0"),
         (config.data.format in ("folder", "monuseg", "dsb2018"), f"data.format '{config.data.format}' is not folder, monuseg or dsb2018"),
         (0.0 <= m.threshold < 1.0, "method.threshold must be in [0, 1)"),
         (0.0 <= m.bdp <= m.fdp <= 1.0, "method.bdp <= method.fdp must hold, both in [0, 1]"),

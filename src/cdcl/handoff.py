@@ -29,9 +29,9 @@ SHM_FOLDER = "/dev/shm"  # where Linux keeps POSIX shared memory; containers oft
 PREFIX = "cdcl-tile-"
 
 
-def tile_bytes(side: int) -> int:
-    """Bytes of one tile of at most ``side`` x ``side`` px: float32 probability + RGB pixels."""
-    return side * side * (4 + 3)
+def tile_bytes(side: int, channels: int = 1) -> int:
+    """Bytes of one tile of at most ``side`` x ``side`` px: ``channels`` float32 prediction maps + RGB pixels."""
+    return side * side * (4 * channels + 3)
 
 
 def shared_memory_fits(total_bytes: int, folder: str = SHM_FOLDER) -> bool:
@@ -84,15 +84,17 @@ class SharedTileHandoff:
         self._in_use: list[tuple[Future, SharedMemory]] = []
 
     def submit(self, prob: np.ndarray, image: np.ndarray, *args: Any) -> Future:
-        height, width = prob.shape
-        if tile_bytes(max(height, width)) > self.block_bytes:
+        """``prob``: the tile's prediction maps, HxW or CxHxW."""
+        maps_shape = prob.shape
+        height, width = maps_shape[-2:]
+        if tile_bytes(max(height, width), prob.size // (height * width)) > self.block_bytes:
             raise ValueError(f"a {height}x{width} tile does not fit blocks of {self.block_bytes} bytes")
         block = self._free_block()
-        block_prob, block_image = _tile_views(block, height, width)
+        block_prob, block_image = _tile_views(block, maps_shape)
         block_prob[:] = prob
         block_image[:] = image
         del block_prob, block_image  # no view may outlive its block (close would refuse)
-        future = self.pool.submit(tile_nuclei_from_shared, block.name, height, width, *args)
+        future = self.pool.submit(tile_nuclei_from_shared, block.name, maps_shape, *args)
         self._in_use.append((future, block))
         return future
 
@@ -120,15 +122,15 @@ class SharedTileHandoff:
         self.close()
 
 
-def _tile_views(block: SharedMemory, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """The block's layout, shared by both sides: float32 probability, then the RGB pixels."""
-    prob = np.ndarray((height, width), np.float32, block.buf)
-    return prob, np.ndarray((height, width, 3), np.uint8, block.buf, offset=prob.nbytes)
+def _tile_views(block: SharedMemory, maps_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The block's layout, shared by both sides: float32 prediction maps, then the RGB pixels."""
+    prob = np.ndarray(maps_shape, np.float32, block.buf)
+    return prob, np.ndarray((*maps_shape[-2:], 3), np.uint8, block.buf, offset=prob.nbytes)
 
 
-def tile_nuclei_from_shared(name: str, height: int, width: int, *args: Any) -> str:
+def tile_nuclei_from_shared(name: str, maps_shape: tuple[int, ...], *args: Any) -> str:
     """Worker side of :class:`SharedTileHandoff`: copy the tile out of its block, then :func:`tile_nuclei_json`."""
     block = SharedMemory(name=name)
-    prob, image = (view.copy() for view in _tile_views(block, height, width))
+    prob, image = (view.copy() for view in _tile_views(block, maps_shape))
     block.close()
     return tile_nuclei_json(prob, image, *args)

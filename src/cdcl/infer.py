@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from cdcl.postprocess import instances_from_probability
+from cdcl.postprocess import instances_from_maps
+from cdcl.representations import prediction_maps
 from cdcl.runtime import amp_dtype
 
 if TYPE_CHECKING:
@@ -131,7 +132,9 @@ def start_probability(
     device: torch.device | str | None = None,
     amp: bool = False,
 ) -> PendingProbability:
-    """Queue the foreground probability of ``image`` on the device and return without waiting for it.
+    """Queue the prediction maps of ``image`` on the device and return without waiting for it: the HxW
+    foreground probability of a binary model, or the 2xHxW foreground probability and marker strength of a
+    learned instance representation (``cdcl.representations.prediction_maps``).
 
     Images of any size are accepted: a side shorter than ``window`` gets one window of that side rounded up to a
     multiple of 32, and the image is reflect-padded to fill it. ``device`` defaults to the model's; ``amp``
@@ -155,17 +158,19 @@ def start_probability(
     stitch = device if padded.shape[0] * padded.shape[1] <= STITCH_ON_DEVICE_PIXELS else torch.device("cpu")
     pixels = _upload(torch.from_numpy(padded if padded.flags.writeable else padded.copy()), stitch)  # torch wants writable
     weight, weight_stitch = _weight_on(device, win_h, win_w), _weight_on(stitch, win_h, win_w)
-    acc = torch.zeros(padded.shape[:2], dtype=torch.float32, device=stitch)
-    norm = torch.zeros_like(acc)
+    representation = getattr(model, "representation", "binary")
+    channels = () if representation == "binary" else (2,)
+    acc = torch.zeros((*channels, *padded.shape[:2]), dtype=torch.float32, device=stitch)
+    norm = torch.zeros(padded.shape[:2], dtype=torch.float32, device=stitch)
     with torch.inference_mode(), autocast(device, amp):
         for batch in _batches(corners, max(1, batch_size)):
             crops = torch.stack([pixels[y : y + win_h, x : x + win_w] for y, x in batch]).to(device, non_blocking=True)
             logits = model(crops.permute(0, 3, 1, 2).float().div_(255.0))["logits"].float()
-            weighted = (torch.softmax(logits, dim=1)[:, 1] * weight).to(stitch)
+            weighted = (prediction_maps(logits, representation) * weight).to(stitch)
             for (y, x), prob in zip(batch, weighted):
-                acc[y : y + win_h, x : x + win_w] += prob
+                acc[..., y : y + win_h, x : x + win_w] += prob
                 norm[y : y + win_h, x : x + win_w] += weight_stitch
-        prob = (acc / norm)[:height, :width]
+        prob = (acc / norm)[..., :height, :width]
     if stitch.type != "cuda":
         return PendingProbability(prob)
     host = torch.empty(prob.shape, dtype=prob.dtype, pin_memory=True)
@@ -176,13 +181,19 @@ def start_probability(
 
 
 def sliding_window_probability(model: torch.nn.Module, image: np.ndarray, **options: Any) -> np.ndarray:
-    """Foreground probability (softmax of class 1) of an HxWx3 uint8 image, as an HxW float32 array: the result
-    of :func:`start_probability` (same keyword ``options``), waited for."""
+    """Prediction maps of an HxWx3 uint8 image as float32: HxW foreground probability (binary model) or 2xHxW
+    (foreground probability, marker strength); the result of :func:`start_probability` (same keyword
+    ``options``), waited for."""
     return start_probability(model, image, **options).result()
 
 
+def foreground_of(maps: np.ndarray) -> np.ndarray:
+    """The HxW foreground probability of prediction maps of either shape."""
+    return maps if maps.ndim == 2 else maps[0]
+
+
 def predict_instances(predictor: Predictor, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(foreground probability, instance labels) of one image with the predictor's window and thresholds."""
+    """(prediction maps, instance labels) of one image with the predictor's window and thresholds."""
     prob = sliding_window_probability(
         predictor.model,
         image,
@@ -192,4 +203,4 @@ def predict_instances(predictor: Predictor, image: np.ndarray) -> tuple[np.ndarr
         device=predictor.device,
         amp=predictor.amp,
     )
-    return prob, instances_from_probability(prob, predictor.postprocess)
+    return prob, instances_from_maps(prob, predictor.postprocess)

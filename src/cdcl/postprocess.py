@@ -12,6 +12,12 @@ The pipeline (each stage a small function, so :func:`tune_params` can reuse the 
    markers separates touching nuclei; a component with one marker (or none) is kept whole as one nucleus;
 5. instances smaller than ``min_size`` pixels are removed (isolated specks and thin watershed slivers alike),
    and the ids are made sequential 1..N (int32).
+
+A learned instance representation (``cdcl.representations``) gives a second map, the marker strength (interior
+probability, or predicted distance to the boundary). :func:`instances_from_markers` then replaces steps 2-4:
+markers are the 8-connected regions of foreground where that map exceeds ``marker_threshold``, grown by a
+watershed of the negated map over the foreground; a foreground component without a marker is one nucleus.
+:func:`instances_from_maps` dispatches on the maps' shape.
 """
 
 from __future__ import annotations
@@ -32,25 +38,31 @@ log = logging.getLogger(__name__)
 
 SMOOTHING_SIGMA = 1.0
 DEFAULT_GRID = {"threshold": [0.3, 0.4, 0.5, 0.6, 0.7], "min_distance": [2, 3, 5]}
+MARKER_GRID = {"threshold": [0.3, 0.4, 0.5, 0.6, 0.7], "marker_threshold": [0.3, 0.4, 0.5, 0.6, 0.7],
+               "min_size": [5, 10, 20]}
+"""Tuning grid of the marker path; settings it leaves out keep their default (min_distance is not used there)."""
 _EIGHT = np.ones((3, 3), dtype=bool)
 
 
 @dataclass(frozen=True)
 class PostprocessParams:
-    """Settings of :func:`instances_from_probability`; tuned after training and stored with the checkpoint."""
+    """Settings of :func:`instances_from_maps`; tuned after training and stored with the checkpoint."""
 
     threshold: float = 0.5
     min_distance: int = 3
     min_size: int = 10
     fill_holes: bool = True
+    marker_threshold: float = 0.5  # learned representations only: marker strength that makes a marker
 
     def __post_init__(self) -> None:
         """Check every field and store plain Python numbers (numpy scalars from a grid are accepted)."""
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, numbers.Real):
-            raise ValueError(f"threshold must be a number, got {self.threshold!r}")
-        if not 0.0 <= self.threshold < 1.0:
-            raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
-        object.__setattr__(self, "threshold", float(self.threshold))
+        for name in ("threshold", "marker_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+            object.__setattr__(self, name, float(value))
         for name, low in (("min_distance", 1), ("min_size", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
@@ -61,7 +73,12 @@ class PostprocessParams:
         object.__setattr__(self, "fill_holes", bool(self.fill_holes))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain settings; ``marker_threshold`` only when it differs from its default, so a binary model's
+        stored and reported settings stay as they were before that setting existed."""
+        values = asdict(self)
+        if values["marker_threshold"] == PostprocessParams.marker_threshold:
+            del values["marker_threshold"]
+        return values
 
     @classmethod
     def from_dict(cls, d: dict) -> PostprocessParams:
@@ -157,6 +174,40 @@ def instances_from_probability(prob: np.ndarray, params: PostprocessParams | Non
     return _finish(_split(fg, _energy(prob, fg, params.threshold), params.min_distance), params.min_size)
 
 
+def _check_maps(maps: np.ndarray) -> np.ndarray:
+    maps = np.asarray(maps)
+    if maps.ndim != 3 or maps.shape[0] != 2 or not np.issubdtype(maps.dtype, np.floating):
+        raise ValueError(f"expected 2xHxW float maps (foreground, marker strength), got {maps.shape} {maps.dtype}")
+    return maps
+
+
+def _grow_markers(fg: np.ndarray, strength: np.ndarray, marker_threshold: float) -> np.ndarray:
+    """Markers (8-connected regions of ``strength > marker_threshold`` in the foreground) grown over the
+    foreground by a watershed of ``-strength``; foreground components without a marker keep their own id."""
+    markers, n_markers = ndi.label(fg & (strength > marker_threshold), structure=_EIGHT)
+    labels = watershed(-strength, markers, mask=fg) if n_markers else np.zeros(fg.shape, np.int32)
+    orphans = fg & (labels == 0)
+    if orphans.any():
+        components, _ = ndi.label(orphans, structure=_EIGHT)
+        labels = np.where(orphans, components + n_markers, labels)
+    return labels
+
+
+def instances_from_markers(maps: np.ndarray, params: PostprocessParams | None = None) -> np.ndarray:
+    """2xHxW (foreground probability, marker strength) -> HxW int32 instance labels 0, 1..N."""
+    params = params or PostprocessParams()
+    maps = _check_maps(maps)
+    fg = _foreground(maps[0], params.threshold, params.fill_holes)
+    return _finish(_grow_markers(fg, maps[1], params.marker_threshold), params.min_size)
+
+
+def instances_from_maps(maps: np.ndarray, params: PostprocessParams | None = None) -> np.ndarray:
+    """Instances of prediction maps of either shape: HxW (binary model) or 2xHxW (learned representation)."""
+    if np.ndim(maps) == 3:
+        return instances_from_markers(maps, params)
+    return instances_from_probability(maps, params)
+
+
 def tune_params(
     probs: list[np.ndarray], gts: list[np.ndarray], grid: dict | None = None
 ) -> tuple[PostprocessParams, float]:
@@ -170,6 +221,8 @@ def tune_params(
     """
     if not probs or len(probs) != len(gts):
         raise ValueError(f"need as many ground truths as probability maps (>= 1), got {len(probs)} and {len(gts)}")
+    if np.ndim(probs[0]) == 3:
+        return _tune_markers(probs, gts, grid)
     grid = _full_grid(grid)
     scores: dict[tuple, list[float]] = {}
     for prob, gt in zip(probs, gts):
@@ -191,14 +244,37 @@ def tune_params(
     return params, means[best]
 
 
-def _full_grid(grid: dict | None) -> dict:
+def _tune_markers(maps_list: list[np.ndarray], gts: list[np.ndarray], grid: dict | None) -> tuple[PostprocessParams, float]:
+    """:func:`tune_params` for 2xHxW maps: foreground once per (threshold, fill_holes), markers grown once per
+    marker_threshold on top, min_size filtering that result."""
+    grid = _full_grid(grid, MARKER_GRID)
+    scores: dict[tuple, list[float]] = {}
+    for maps, gt in zip(maps_list, gts):
+        maps = _check_maps(maps)
+        if maps.shape[1:] != np.shape(gt):
+            raise ValueError(f"prediction maps {maps.shape[1:]} and ground truth {np.shape(gt)} differ in shape")
+        for threshold, fill_holes in itertools.product(grid["threshold"], grid["fill_holes"]):
+            fg = _foreground(maps[0], threshold, fill_holes)
+            for marker_threshold in grid["marker_threshold"]:
+                grown = _grow_markers(fg, maps[1], marker_threshold)
+                for min_size in grid["min_size"]:
+                    key = (threshold, marker_threshold, min_size, fill_holes)
+                    scores.setdefault(key, []).append(aji(gt, _remove_small(grown, min_size))["aji"])
+    means = {key: float(np.mean(values)) for key, values in scores.items()}
+    best = max(means, key=means.get)
+    params = PostprocessParams(threshold=best[0], marker_threshold=best[1], min_size=best[2], fill_holes=best[3])
+    log.info("post-processing tuned on %d image(s): %s, mean AJI %.4f", len(maps_list), params.to_dict(), means[best])
+    return params, means[best]
+
+
+def _full_grid(grid: dict | None, defaults_grid: dict = DEFAULT_GRID) -> dict:
     """Candidate lists for every setting, validated by building each candidate value into PostprocessParams."""
-    defaults = PostprocessParams().to_dict()
+    defaults = asdict(PostprocessParams())
     grid = dict(grid or {})
     unknown = sorted(set(grid) - set(defaults))
     if unknown:
         raise ValueError(f"unknown post-processing setting(s) {unknown} in grid; valid: {sorted(defaults)}")
-    full = {name: list(grid.get(name, DEFAULT_GRID.get(name, [default]))) for name, default in defaults.items()}
+    full = {name: list(grid.get(name, defaults_grid.get(name, [default]))) for name, default in defaults.items()}
     for name, values in full.items():
         if not values:
             raise ValueError(f"empty candidate list for {name}")

@@ -25,7 +25,7 @@ from skimage.filters import threshold_otsu
 
 from cdcl.errors import CdclError
 from cdcl.export import label_centroids, nuclei_polygons, nuclei_table
-from cdcl.postprocess import instances_from_probability
+from cdcl.postprocess import instances_from_maps
 
 log = logging.getLogger(__name__)
 
@@ -326,8 +326,9 @@ def tissue_tiles(grid: Grid, mask: np.ndarray, level0_width: int, min_fraction: 
 
 def tile_nuclei(prob: np.ndarray, image: np.ndarray, params: Any, core: tuple[int, ...], box: tuple[int, ...], scale: float) -> list[list]:
     """``[measurements, ring]`` (level-0 pixels) of the nuclei whose centroid lies in the tile's core: the seam
-    rule of ``cdcl.wsi``. ``prob`` and ``image`` cover ``box`` (the core plus halo), all in working pixels."""
-    labels = instances_from_probability(prob, params)
+    rule of ``cdcl.wsi``. ``prob`` (prediction maps, HxW or 2xHxW) and ``image`` cover ``box`` (the core plus
+    halo), all in working pixels."""
+    labels = instances_from_maps(prob, params)
     ids, x, y = label_centroids(labels, origin=box[:2])
     x0, y0, x1, y1 = core
     labels = np.where(np.isin(labels, ids[(x0 <= x) & (x < x1) & (y0 <= y) & (y < y1)]), labels, 0)

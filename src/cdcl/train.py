@@ -28,13 +28,13 @@ from torch import nn
 from tqdm import tqdm
 
 from cdcl import __version__
-from cdcl.checkpoint import load_checkpoint, save_checkpoint
+from cdcl.checkpoint import lean_payload, load_checkpoint, save_checkpoint
 from cdcl.config import Config, dump_config, load_config
 from cdcl.data import load_dataset
 from cdcl.data.loaders import LabeledSet, UnlabeledSet, stream_loader
 from cdcl.data.splits import read_split_file
 from cdcl.errors import CdclError
-from cdcl.infer import sliding_window_probability, windows_per_batch
+from cdcl.infer import foreground_of, sliding_window_probability, windows_per_batch
 from cdcl.io import ensure_writable_dir, remove_leftover_temporaries, write_text_atomic
 from cdcl.losses import ema_alpha
 from cdcl.methods import build_method
@@ -164,7 +164,7 @@ def update_ema(teacher: nn.Module, student: nn.Module, step: int, decay: float) 
 
 @torch.no_grad()
 def predict_probabilities(model: nn.Module, items: list, config: Config, device: torch.device) -> list[np.ndarray]:
-    """Whole-image foreground probabilities by sliding window (val images are never tile-cropped)."""
+    """Whole-image prediction maps by sliding window (val images are never tile-cropped)."""
     was_training = model.training
     model.eval()
     i = config.infer
@@ -178,7 +178,7 @@ def predict_probabilities(model: nn.Module, items: list, config: Config, device:
 def pooled_dice(probs: list[np.ndarray], items: list) -> float:
     inter = total = 0
     for prob, item in zip(probs, items):
-        pred, gt = prob > 0.5, item.instances > 0
+        pred, gt = foreground_of(prob) > 0.5, item.instances > 0
         inter += int(np.count_nonzero(pred & gt))
         total += int(pred.sum() + gt.sum())
     return 1.0 if total == 0 else 2.0 * inter / total
@@ -205,7 +205,7 @@ class Trainer:
         seed_everything(config.train.seed, config.train.deterministic)
         if self.dist.main:
             ensure_writable_dir(self.out)
-        self.method = build_method(config.method)
+        self.method = build_method(config.method, config.model.instances)
         self.splits = load_splits(config, self.method.uses_unlabeled)
         self.student = build_model(config.model).to(device)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
@@ -230,11 +230,13 @@ class Trainer:
         }
 
     def save(self, name: str) -> None:
+        """``last.pt``: the full training state; ``best.pt``: only what prediction needs (lean_payload)."""
         if not self.dist.main:
             return
         if not (all_finite(self.student) and all_finite(self.teacher)):
             raise CdclError(f"refusing to save {name}: weights are not finite (earlier checkpoints kept)", self.out)
-        save_checkpoint(self.out / name, self._payload())
+        payload = self._payload()
+        save_checkpoint(self.out / name, lean_payload(payload) if name == "best.pt" else payload)
 
     def resume(self) -> None:
         """Continue from last.pt when the run folder has one; refuse a checkpoint of another model."""
@@ -290,7 +292,7 @@ class Trainer:
     def _loaders(self):
         d, seed = self.config.data, self.config.train.seed
         kw = {"start_batch": self.step, "num_workers": d.num_workers, "rank": self.dist.rank, "world_size": self.dist.world_size}
-        lab = stream_loader(LabeledSet(self.splits.labeled, self.config.augment), d.batch_size, seed=seed, **kw)
+        lab = stream_loader(LabeledSet(self.splits.labeled, self.config.augment, self.config.model.instances), d.batch_size, seed=seed, **kw)
         unl = None
         if self.method.uses_unlabeled:
             unl = stream_loader(UnlabeledSet(self.splits.unlabeled, self.config.augment), d.unlabeled_batch_size, seed=seed + 1, **kw)
@@ -428,7 +430,7 @@ class Trainer:
             self._log({"iteration": self.step, "val/aji_tuned": score})
             best["postprocess"] = self.postprocess
             best["complete"] = True
-            save_checkpoint(best_path, {k: v for k, v in best.items() if k != "format"})
+            save_checkpoint(best_path, lean_payload(best))
         self.complete = True
         self.save("last.pt")
         plot_training_curves(self._records(), self.out / "curves.png")

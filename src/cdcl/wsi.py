@@ -181,12 +181,13 @@ def reader_count(workers: int) -> int:
     return -(-workers // 4)
 
 
-def _tile_submitter(pool: Executor, workers: int, grid: Grid) -> tuple[Callable[..., Future], contextlib.AbstractContextManager]:
-    """``(submit, context)``: ``submit(prob, image, *args)`` queues :func:`tile_nuclei_json` in ``pool``. With
+def _tile_submitter(pool: Executor, workers: int, grid: Grid, channels: int = 1) -> tuple[Callable[..., Future], contextlib.AbstractContextManager]:
+    """``(submit, context)``: ``submit(prob, image, *args)`` queues :func:`tile_nuclei_json` in ``pool`` (``prob``:
+    ``channels`` prediction maps). With
     workers, tiles travel through shared memory when /dev/shm has room for every tile in flight, else (a
     container's small /dev/shm) through the pool's pipe. Blocks of earlier, killed runs are removed first."""
     remove_orphaned_blocks()
-    block = tile_bytes(grid.tile + 2 * grid.halo)
+    block = tile_bytes(grid.tile + 2 * grid.halo, channels)
     if workers and shared_memory_fits((2 * workers + 1) * block):
         handoff = SharedTileHandoff(pool, block)
         return handoff.submit, handoff
@@ -204,7 +205,8 @@ def _predict_tiles(predictor: Predictor, reader: SlideReader, grid: Grid, todo: 
     this process, and leave it, through shared memory: it has the forward pass to feed."""
     loader = DataLoader(TileDataset(reader, grid, todo), batch_size=None, num_workers=reader_count(workers),
                         collate_fn=_unchanged, worker_init_fn=yield_to_prediction)
-    submit, handoff = _tile_submitter(pool, workers, grid)
+    channels = 1 if getattr(predictor.model, "representation", "binary") == "binary" else 2
+    submit, handoff = _tile_submitter(pool, workers, grid, channels)
     pending: deque[tuple[int, Future]] = deque()
 
     def post_process(item: dict[str, Any], prob: PendingProbability) -> None:

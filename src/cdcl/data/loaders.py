@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cdcl.data.views import AugmentConfig, labeled_view, paired_views
 from cdcl.errors import from_workers
+from cdcl.representations import make_targets
 
 
 class SeededStreamSampler(Sampler):
@@ -74,14 +75,20 @@ class _ItemSet(Dataset):
 
 
 class LabeledSet(_ItemSet):
-    """Labeled items -> {"image": 3xSxS float, "target": SxS int64 (1 = nucleus)} augmented views."""
+    """Labeled items -> {"image": 3xSxS float, "target": SxS int64 classes, ...} augmented views, with the
+    targets of the model's instance representation (``cdcl.representations.make_targets``)."""
+
+    def __init__(self, items: Sequence, augment: AugmentConfig, representation: str = "binary") -> None:
+        super().__init__(items, augment)
+        self.representation = representation
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         index, seed = key
         item = self.items[index]
         instances = self.cache.get(item.name + "#mask", lambda: item.instances)
         view, labels = labeled_view(self._image(item), instances, np.random.default_rng(seed), self.augment)
-        return {"image": torch.from_numpy(view), "target": torch.from_numpy((labels > 0).astype(np.int64))}
+        targets = make_targets(labels, self.representation)
+        return {"image": torch.from_numpy(view), **{k: torch.from_numpy(v) for k, v in targets.items()}}
 
 
 class UnlabeledSet(_ItemSet):

@@ -11,9 +11,9 @@ from cdcl.methods.supervised import Supervised
 REGISTRY: dict[str, type[Method]] = {"supervised": Supervised, "mean_teacher": MeanTeacher, "fixmatch": FixMatch, "cdcl": CDCL}
 
 
-def build_method(cfg) -> Method:
-    """``cfg`` is a ``cdcl.config.MethodConfig``."""
-    return REGISTRY[cfg.name](cfg)
+def build_method(cfg, representation: str = "binary") -> Method:
+    """``cfg`` is a ``cdcl.config.MethodConfig``; ``representation`` the model's instance representation."""
+    return REGISTRY[cfg.name](cfg, representation)
 
 
 __all__ = ["Method", "REGISTRY", "build_method"]

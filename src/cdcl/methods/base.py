@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cdcl.losses import sigmoid_rampup
+from cdcl.losses import confident_cross_entropy, sigmoid_rampup
+from cdcl.representations import class_logits, distance_consistency, foreground_logits
+from cdcl.representations import supervised_loss as representation_loss
 
 
 class Method:
@@ -16,8 +17,8 @@ class Method:
 
     uses_unlabeled = False
 
-    def __init__(self, cfg: Any) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: Any, representation: str = "binary") -> None:
+        self.cfg, self.representation = cfg, representation
 
     def unlabeled_active(self, step: int) -> bool:
         """Unlabeled terms start after ``warmup_iters`` supervised-only steps (PAPER.md: epoch_semi)."""
@@ -30,8 +31,29 @@ class Method:
     def supervised_only(self, student: nn.Module, labeled: dict[str, Tensor]) -> dict[str, Tensor]:
         """The loss of a warm-up step (and of the supervised baseline): labeled cross-entropy alone."""
         out, _ = student_forward(student, labeled, None)
-        sup = supervised_loss(out["logits"], labeled["target"])
+        sup = self.supervised_loss(out["logits"], labeled)
         return {"total": sup, "sup": sup}
+
+    def supervised_loss(self, logits: Tensor, labeled: dict[str, Tensor]) -> Tensor:
+        """Cross-entropy on the labeled classes (plus the distance regression of that representation)."""
+        return representation_loss(logits, labeled, self.representation, self.cfg.w_distance)
+
+    def consistency_logits(self, logits: Tensor) -> Tensor:
+        """The class logits the consistency terms compare: every class, or with ``instance_consistency`` off,
+        only nucleus vs background (a three-class head's boundary channel then gets no unlabeled signal)."""
+        classes = class_logits(logits.float(), self.representation)
+        return classes if self.cfg.instance_consistency else foreground_logits(classes)
+
+    def confident_consistency(self, student_logits: Tensor, teacher_logits: Tensor) -> dict[str, Tensor]:
+        """Cross-entropy of the student against the teacher's confident classes, plus (distance representation,
+        ``instance_consistency``) the squared error of the distance maps where the teacher is confident."""
+        t_probs = self.consistency_logits(teacher_logits).softmax(dim=1)
+        cons, confident = confident_cross_entropy(self.consistency_logits(student_logits), t_probs, self.cfg.threshold)
+        terms = {"cons": cons, "stat/confident": confident}
+        if self.representation == "distance" and self.cfg.instance_consistency:
+            mask = foreground_logits(class_logits(teacher_logits.float(), "distance")).softmax(dim=1).amax(dim=1)
+            terms["cons_dist"] = distance_consistency(student_logits, teacher_logits, mask > self.cfg.threshold)
+        return terms
 
     def losses(self, student: nn.Module, teacher: nn.Module, labeled: dict[str, Tensor],
                unlabeled: dict[str, Tensor] | None, step: int) -> dict[str, Tensor]:
@@ -42,10 +64,6 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         del state
-
-
-def supervised_loss(logits: Tensor, target: Tensor) -> Tensor:
-    return F.cross_entropy(logits.float(), target)
 
 
 def student_forward(student: nn.Module, labeled: dict[str, Tensor], extra: Tensor | None, embeddings: bool = False

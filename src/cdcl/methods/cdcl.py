@@ -10,15 +10,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cdcl.losses import MemoryBank, confident_cross_entropy, cross_patch_contrastive, entropy_loss
-from cdcl.methods.base import Method, student_forward, supervised_loss, teacher_forward
+from cdcl.losses import MemoryBank, cross_patch_contrastive, entropy_loss
+from cdcl.methods.base import Method, student_forward, teacher_forward
+from cdcl.representations import class_logits, foreground_logits
 
 
 class CDCL(Method):
     uses_unlabeled = True
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg, representation: str = "binary") -> None:
+        super().__init__(cfg, representation)
         self.bank = MemoryBank(cfg.bank_capacity) if cfg.use_bank else None
 
     def _generator(self, device: torch.device, step: int) -> torch.Generator:
@@ -34,17 +35,16 @@ class CDCL(Method):
         contrast = cfg.w_contr > 0
         t_out = teacher_forward(teacher, unlabeled["weak"], embeddings=contrast)
         lab, unl = student_forward(student, labeled, unlabeled["strong"], embeddings=contrast)
-        sup = supervised_loss(lab["logits"], labeled["target"])
+        sup = self.supervised_loss(lab["logits"], labeled)
         terms = {"sup": sup}
         total = sup
-        t_probs = t_out["logits"].softmax(dim=1)
-        s_logits = unl["logits"].float()
         if cfg.use_consistency:
-            cons, confident = confident_cross_entropy(s_logits, t_probs, cfg.threshold)
+            consistency = self.confident_consistency(unl["logits"], t_out["logits"])
+            cons = consistency["cons"] + consistency.get("cons_dist", 0.0)
             total = total + cfg.w_cons * self.ramp(step) * cons
-            terms.update({"cons": cons, "stat/confident": confident})
+            terms.update(consistency)
         if cfg.use_entropy and cfg.w_ent > 0:
-            ent = entropy_loss(s_logits)
+            ent = entropy_loss(self.consistency_logits(unl["logits"]))
             total = total + cfg.w_ent * ent
             terms["ent"] = ent
         if contrast:
@@ -55,13 +55,21 @@ class CDCL(Method):
         terms["total"] = total
         return terms
 
+    def _label_probs(self, out, size):
+        """Class probabilities pooled to the embedding resolution ``size``: nucleus vs background, or with
+        ``contrast_boundary`` (three-class head) background / interior / boundary as three labels."""
+        logits = out.get("logits_lowres", out["logits"]).detach().float()
+        classes = class_logits(logits, self.representation)
+        if not (self.cfg.contrast_boundary and self.representation == "three_class"):
+            classes = foreground_logits(classes)
+        return F.adaptive_avg_pool2d(classes.softmax(dim=1), size)
+
     def _contrastive(self, unl, t_out, step):
         """Pseudo-labels at the embedding resolution (probabilities pooled alike, so patches stay aligned)."""
         cfg = self.cfg
         s_emb, t_emb = unl["embeddings"].float(), t_out["embeddings"]
         size = s_emb.shape[-2:]
-        t_probs = F.adaptive_avg_pool2d(t_out["logits_lowres"].softmax(dim=1), size)
-        s_probs = F.adaptive_avg_pool2d(unl["logits_lowres"].detach().float().softmax(dim=1), size)
+        t_probs, s_probs = self._label_probs(t_out, size), self._label_probs(unl, size)
         t_conf, t_labels = t_probs.max(dim=1)
         s_labels = s_probs.argmax(dim=1)
         valid = t_conf > cfg.threshold if cfg.pseudo_label_filter else None

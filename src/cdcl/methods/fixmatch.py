@@ -3,8 +3,7 @@ confidence exceeds the threshold, supervises its strong-view prediction. No EMA 
 
 from __future__ import annotations
 
-from cdcl.losses import confident_cross_entropy
-from cdcl.methods.base import Method, student_forward, supervised_loss, teacher_forward
+from cdcl.methods.base import Method, student_forward, teacher_forward
 
 
 class FixMatch(Method):
@@ -13,8 +12,9 @@ class FixMatch(Method):
     def losses(self, student, teacher, labeled, unlabeled, step):
         if not self.unlabeled_active(step):
             return self.supervised_only(student, labeled)
-        target = teacher_forward(student, unlabeled["weak"])["logits"].softmax(dim=1)
+        target = teacher_forward(student, unlabeled["weak"])["logits"]
         lab, unl = student_forward(student, labeled, unlabeled["strong"])
-        sup = supervised_loss(lab["logits"], labeled["target"])
-        pseudo, confident = confident_cross_entropy(unl["logits"].float(), target, self.cfg.threshold)
-        return {"total": sup + self.cfg.w_cons * pseudo, "sup": sup, "cons": pseudo, "stat/confident": confident}
+        sup = self.supervised_loss(lab["logits"], labeled)
+        terms = self.confident_consistency(unl["logits"], target)
+        pseudo = terms["cons"] + terms.get("cons_dist", 0.0)
+        return {"total": sup + self.cfg.w_cons * pseudo, "sup": sup, **terms}
