@@ -1,4 +1,4 @@
-"""Speed of the nucleus exports (``cdcl.export``) against the code they replaced, on real MoNuSeg label maps:
+"""Speed of the nucleus exports (``cdcl.instances.export``) against the code they replaced, on real MoNuSeg label maps:
 ``label_perimeters`` vs ``regionprops_table(..., "perimeter")``, ``nuclei_table`` vs per-pixel moments with the
 regionprops perimeter (``reference_table`` in tests/test_export.py), and ``nuclei_polygons`` vs the per-nucleus
 ``find_contours`` loop (``reference_polygons``). Every output is compared with the old one: polygons and table rows
@@ -32,7 +32,7 @@ import scipy  # noqa: E402
 import skimage  # noqa: E402
 from skimage.measure import find_contours, regionprops_table  # noqa: E402
 
-from cdcl import export  # noqa: E402
+from cdcl.instances import export  # noqa: E402
 from cdcl.data import read_image, read_label_image  # noqa: E402
 from cdcl.io import write_json_atomic, write_text_atomic  # noqa: E402
 from provenance import git_commit  # noqa: E402

@@ -1,4 +1,4 @@
-"""Speed of post-processing (``cdcl.postprocess.instances_from_probability``) against the code it replaced, on
+"""Speed of post-processing (``cdcl.instances.postprocess.instances_from_probability``) against the code it replaced, on
 real MoNuSeg images: the distance transform through the ``edt`` package instead of
 ``scipy.ndimage.distance_transform_edt``, and the final renumbering through one lookup table instead of
 ``skimage.segmentation.relabel_sequential``. Both versions must give identical instance maps, which is checked.
@@ -26,16 +26,16 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import relabel_sequential
 
-from cdcl import postprocess
-from cdcl.checkpoint import load_predictor
-from cdcl.infer import sliding_window_probability
+from cdcl.instances import postprocess
+from cdcl.inference.predictor import load_predictor
+from cdcl.inference.window import sliding_window_probability
 from export_speed import MOSAIC, TRAIN, load, machine, mosaic, timed, write_results
 from provenance import git_commit
 
 
 @contextlib.contextmanager
 def replaced_code() -> Iterator[None]:
-    """``cdcl.postprocess`` with the two replaced steps put back: scipy's distance transform, and small
+    """``cdcl.instances.postprocess`` with the two replaced steps put back: scipy's distance transform, and small
     instances removed then renumbered by ``relabel_sequential``."""
     saved = postprocess.distance_to_background, postprocess._finish
     postprocess.distance_to_background = ndi.distance_transform_edt

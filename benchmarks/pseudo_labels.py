@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cdcl.checkpoint import load_predictor
+from cdcl.inference.predictor import load_predictor
 from cdcl.config import load_config
 from cdcl.data import load_dataset, read_image
 from cdcl.data.splits import read_split_file
-from cdcl.infer import sliding_window_probability
+from cdcl.inference.window import sliding_window_probability
 from cdcl.io import write_json_atomic, write_text_atomic
 from provenance import git_commit
 

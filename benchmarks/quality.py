@@ -25,11 +25,12 @@ from pathlib import Path
 
 from provenance import git_commit
 
+from cdcl.vocab import METHODS
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "runs"
 DEFAULT_DATA = "../shared/data"  # relative to the repository root, as in the configs
-METHODS = ("supervised", "mean_teacher", "fixmatch", "cdcl")
 METRICS = ("dice", "iou", "aji", "pq", "precision")
 FRACTIONS = {"1-32": 1 / 32, "1-16": 1 / 16, "1-8": 1 / 8, "full": 1.0}
 ABLATIONS = {

@@ -34,16 +34,17 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import cdcl.methods.cdcl as cdcl_method  # noqa: E402
-from cdcl.config import METHODS, Config, load_config  # noqa: E402
-from cdcl.infer import pad_to, sliding_window_probability, window_layout  # noqa: E402
+from cdcl.config import Config, load_config# noqa: E402
+from cdcl.vocab import METHODS# noqa: E402
+from cdcl.inference.window import pad_to, sliding_window_probability, window_layout  # noqa: E402
 from cdcl.io import write_json_atomic, write_text_atomic  # noqa: E402
-from cdcl.losses import patch_contrastive_loss  # noqa: E402
+from cdcl.methods.losses import patch_contrastive_loss  # noqa: E402
 from provenance import git_commit  # noqa: E402
 from cdcl.methods import build_method  # noqa: E402
 from cdcl.models import build_model  # noqa: E402
-from cdcl.postprocess import PostprocessParams, instances_from_probability  # noqa: E402
-from cdcl.slide import tile_nuclei_json  # noqa: E402
-from cdcl.train import build_optimizer, update_ema  # noqa: E402
+from cdcl.instances.postprocess import PostprocessParams, instances_from_probability  # noqa: E402
+from cdcl.wsi.worker import tile_nuclei_json# noqa: E402
+from cdcl.training.engine import build_optimizer, update_ema  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 TEST_IMAGES = REPO.parent / "shared" / "data" / "monuseg" / "test" / "images"
@@ -133,7 +134,7 @@ def random_batches(seed: int = 0) -> tuple[dict, dict]:
 
 
 class Trainer:
-    """One method's student, EMA teacher, optimizer and step counter; ``step`` mirrors ``cdcl.train``'s loop."""
+    """One method's student, EMA teacher, optimizer and step counter; ``step`` mirrors ``cdcl.training.engine``'s loop."""
 
     def __init__(self, config: Config) -> None:
         torch.manual_seed(0)  # every method starts from the same weights
@@ -254,7 +255,7 @@ def bench_memory(steps: int, threads: int) -> dict:
 
 def inference_model(checkpoint: str | None) -> tuple[torch.nn.Module, Config, PostprocessParams, str]:
     if checkpoint:
-        from cdcl.checkpoint import load_predictor
+        from cdcl.inference.predictor import load_predictor
 
         predictor = load_predictor(checkpoint, device="cpu")
         return predictor.model, predictor.config, predictor.postprocess, checkpoint

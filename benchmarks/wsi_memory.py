@@ -47,9 +47,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from provenance import git_commit  # noqa: E402
-from cdcl.infer import autocast, pad_to, window_layout  # noqa: E402
+from cdcl.inference.window import autocast, pad_to, window_layout  # noqa: E402
 from cdcl.io import write_json_atomic, write_text_atomic  # noqa: E402
-from cdcl.slide import Grid, choose_level, open_slide  # noqa: E402
+from cdcl.wsi.grid import Grid# noqa: E402
+from cdcl.wsi.readers import choose_level, open_slide# noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 STAND_IN_WINDOW = 256
@@ -164,7 +165,7 @@ def load(args: argparse.Namespace):
         from make_slide import stand_in_predictor
 
         return stand_in_predictor(window=STAND_IN_WINDOW, batch_size=args.batch_size or 8)
-    from cdcl.checkpoint import load_predictor
+    from cdcl.inference.predictor import load_predictor
 
     return load_predictor(args.checkpoint, device=args.device, batch_size=args.batch_size)
 
@@ -213,11 +214,11 @@ def write_report(result: dict, out_dir: Path) -> None:
 
 def child_stand_in(argv: list[str]) -> int:
     """`cdcl <argv>` with the stand-in predictor in place of the checkpoint (``--stand-in`` runs)."""
-    import cdcl.wsi
+    import cdcl.commands.predict_wsi
     from cdcl.cli import main
     from make_slide import stand_in_predictor
 
-    cdcl.wsi.load_predictor = lambda path, device, batch_size: stand_in_predictor(window=STAND_IN_WINDOW, batch_size=batch_size or 8)
+    cdcl.commands.predict_wsi.load_predictor = lambda path, device, batch_size: stand_in_predictor(window=STAND_IN_WINDOW, batch_size=batch_size or 8)
     return main(argv)
 
 

@@ -37,8 +37,8 @@ from training_helpers import tiny_dataset, tiny_overrides
 
 from cdcl.data.synthetic import synthetic_tile
 
-HANDLER_MODULES = ("cdcl.cli", "cdcl.train", "cdcl.evaluate", "cdcl.predict", "cdcl.wsi", "cdcl.data.check",
-                   "cdcl.data.splits", "cdcl.data.show")
+HANDLER_MODULES = ("cdcl.cli", "cdcl.commands.train", "cdcl.commands.evaluate", "cdcl.commands.predict",
+                   "cdcl.commands.predict_wsi", "cdcl.commands.data")
 DEFAULT_TIMEOUT = 180.0
 TEMP_NAME = re.compile(r"^\..*\.tmp$|^\.evaluate-")  # atomic_path temporaries, evaluate's staging folder
 

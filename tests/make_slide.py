@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from skimage.draw import disk
 
-from cdcl.checkpoint import Predictor
-from cdcl.postprocess import PostprocessParams
+from cdcl.inference.predictor import Predictor
+from cdcl.instances.postprocess import PostprocessParams
 
 MONUSEG_IMAGES = Path("monuseg") / "train" / "images"
 # Disc centres (row, col) placed on and across the seams of a 128 px grid: on a vertical seam, on a horizontal

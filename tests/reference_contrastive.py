@@ -1,14 +1,14 @@
 """A deliberately naive reference of the cross-patch contrastive loss, written straight from PAPER.md.
 
 Python loops over anchors and bank entries, float64 arithmetic with ``math``; no vectorisation, no stability
-tricks, so it is easy to check by eye. Tests and benchmarks compare ``cdcl.losses.patch_contrastive_loss`` to it.
+tricks, so it is easy to check by eye. Tests and benchmarks compare ``cdcl.methods.losses.patch_contrastive_loss`` to it.
 """
 
 from __future__ import annotations
 
 import math
 
-FC_TOLERANCE = 1e-6  # the documented slack of the FC rule (cdcl.losses.FC_TOLERANCE)
+FC_TOLERANCE = 1e-6  # the documented slack of the FC rule (cdcl.methods.losses.FC_TOLERANCE)
 
 
 def naive_patch_contrastive_loss(anchors, positives, bank, anchor_labels, bank_labels, anchor_fc, bank_fc, *,

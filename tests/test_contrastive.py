@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from reference_contrastive import naive_patch_contrastive_loss
 
-from cdcl.losses import (
+from cdcl.methods.losses import (
     MemoryBank,
     count_negatives,
     cross_patch_contrastive,

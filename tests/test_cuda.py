@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from cdcl.checkpoint import load_predictor
+from cdcl.inference.predictor import load_predictor
 from cdcl.cli import main
 from cdcl.config import load_config
 from cdcl.data.synthetic import synthetic_tile
-from cdcl.infer import sliding_window_probability, start_probability
-from cdcl.train import train
+from cdcl.inference.window import sliding_window_probability, start_probability
+from cdcl.training.engine import train
 from training_helpers import tiny_dataset, tiny_overrides
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -72,13 +72,13 @@ def test_predict_cli_on_cuda(trained, tmp_path):
 def test_blending_on_the_gpu_equals_blending_in_cpu_memory(trained, monkeypatch):
     """Images up to STITCH_ON_DEVICE_PIXELS are blended on the device (one copy back); larger ones batch by batch
     in CPU memory. Same float32 operations in the same order: the same bits."""
-    import cdcl.infer
+    import cdcl.inference.window
 
     out, _ = trained
     predictor = load_predictor(out / "best.pt", "cuda")
     image = synthetic_tile(np.random.default_rng(5), 300)[0]
     on_device = sliding_window_probability(predictor.model, image, window=64, overlap=0.25, batch_size=3)
-    monkeypatch.setattr(cdcl.infer, "STITCH_ON_DEVICE_PIXELS", 0)
+    monkeypatch.setattr(cdcl.inference.window, "STITCH_ON_DEVICE_PIXELS", 0)
     in_host_memory = sliding_window_probability(predictor.model, image, window=64, overlap=0.25, batch_size=3)
     np.testing.assert_array_equal(on_device, in_host_memory)
 
@@ -105,8 +105,8 @@ def test_predict_wsi_on_cuda_matches_the_cpu(tmp_path):
     """The GPU pipeline (tiles queued ahead, pinned copies back, post-processing workers) finds the CPU's nuclei."""
     from make_slide import DISCS, DarkStandIn, disc_image, stand_in_predictor
 
-    from cdcl.slide import ArrayReader
-    from cdcl.wsi import predict_slide
+    from cdcl.wsi.readers import ArrayReader
+    from cdcl.wsi.pipeline import predict_slide
 
     image, _ = disc_image()
     cpu = stand_in_predictor()

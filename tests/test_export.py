@@ -20,10 +20,10 @@ from skimage.filters import gaussian
 from skimage.measure import find_contours, regionprops, regionprops_table
 from skimage.segmentation import watershed
 
-from cdcl import export, outlines
+from cdcl.instances import export, outlines
 from cdcl.data import read_image, read_label_image
 from cdcl.errors import CdclError
-from cdcl.export import (
+from cdcl.instances.export import (
     NUCLEUS_COLUMNS,
     label_perimeters,
     nuclei_polygons,

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from make_slide import disc_image
 
-from cdcl.handoff import PREFIX, SharedTileHandoff, remove_orphaned_blocks, shared_memory_fits, tile_bytes
-from cdcl.postprocess import PostprocessParams
-from cdcl.slide import tile_nuclei_json
+from cdcl.wsi.handoff import PREFIX, SharedTileHandoff, remove_orphaned_blocks, shared_memory_fits, tile_bytes
+from cdcl.instances.postprocess import PostprocessParams
+from cdcl.wsi.worker import tile_nuclei_json
 
 
 def tiles() -> list[tuple[np.ndarray, np.ndarray, tuple, tuple]]:

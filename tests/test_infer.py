@@ -9,7 +9,9 @@ from make_slide import DarkStandIn, stand_in_predictor
 from PIL import Image
 from skimage.draw import disk
 
-from cdcl.infer import gaussian_weight, predict_instances, sliding_window_probability, window_starts, windows_per_batch
+from cdcl.inference.predictor import predict_instances
+from cdcl.inference.window import gaussian_weight, sliding_window_probability, windows_per_batch
+from cdcl.windows import window_starts
 
 
 def expected_probability(model: torch.nn.Module, image: np.ndarray) -> np.ndarray:

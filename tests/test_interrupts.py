@@ -15,7 +15,7 @@ import torch
 from cli_cases import Running, World, assert_ok, run_cdcl, start_cdcl, stray_files, write_slide
 
 from cdcl.checkpoint import load_checkpoint
-from cdcl.handoff import remove_orphaned_blocks
+from cdcl.wsi.handoff import remove_orphaned_blocks
 
 ITERATIONS = 8
 SLIDE_OUTPUTS = ("slide.geojson", "slide_nuclei.csv", "slide_overlay.png", "slide_summary.json")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cdcl.losses import confident_cross_entropy, ema_alpha, entropy_loss, sigmoid_rampup
+from cdcl.methods.losses import confident_cross_entropy, ema_alpha, entropy_loss, sigmoid_rampup
 
 
 def test_sigmoid_rampup_values() -> None:

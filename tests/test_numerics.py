@@ -15,13 +15,13 @@ from cli_cases import TINY_ENCODER, Recorder
 from torch import nn
 from training_helpers import tiny_dataset, tiny_overrides
 
-import cdcl.train
+import cdcl.training.engine
 from cdcl.checkpoint import load_checkpoint
 from cdcl.config import MethodConfig, load_config
 from cdcl.errors import CdclError
 from cdcl.methods import build_method
 from cdcl.methods.supervised import Supervised
-from cdcl.train import train
+from cdcl.training.engine import train
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def finite_checkpoints(run: Path) -> dict[str, int]:
 
 def poison_batch(monkeypatch, at_step: int, key: str = "image") -> None:
     """Iteration ``at_step + 1`` gets a NaN pixel in its ``key`` images (as a decoder bug or bad scaling would)."""
-    original = cdcl.train.stream_loader
+    original = cdcl.training.engine.stream_loader
 
     def stream_loader(dataset, batch_size, *, start_batch, **kw) -> Iterator:
         for step, batch in enumerate(original(dataset, batch_size, start_batch=start_batch, **kw), start=start_batch):
@@ -84,7 +84,7 @@ def poison_batch(monkeypatch, at_step: int, key: str = "image") -> None:
                 batch[key][0, 0, 5, 5] = math.nan
             yield batch
 
-    monkeypatch.setattr(cdcl.train, "stream_loader", stream_loader)
+    monkeypatch.setattr(cdcl.training.engine, "stream_loader", stream_loader)
 
 
 def test_nan_in_a_batch_stops_the_run_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch, record):
@@ -143,7 +143,7 @@ def test_too_many_skipped_steps_stop(tiny, tmp_path, monkeypatch, record):
 def test_non_finite_statistics_are_never_saved(tiny, tmp_path, monkeypatch, record):
     """A batch-norm running variance turned NaN (the loss stays finite: training uses batch statistics) must
     stop the save, not reach disk."""
-    original = cdcl.train.update_ema
+    original = cdcl.training.engine.update_ema
 
     def poisoned_update(teacher, student, step, decay):
         if step == 3:
@@ -151,7 +151,7 @@ def test_non_finite_statistics_are_never_saved(tiny, tmp_path, monkeypatch, reco
             bn.running_var.fill_(math.nan)
         original(teacher, student, step, decay)
 
-    monkeypatch.setattr(cdcl.train, "update_ema", poisoned_update)
+    monkeypatch.setattr(cdcl.training.engine, "update_ema", poisoned_update)
     with pytest.raises(CdclError, match="refusing to save .*: weights are not finite") as err:
         train(config(tiny), tmp_path)
     steps = finite_checkpoints(tmp_path)

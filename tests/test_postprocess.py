@@ -10,7 +10,7 @@ from scipy import ndimage as ndi
 from cdcl.metrics import aji
 from skimage.segmentation import relabel_sequential
 
-from cdcl.postprocess import (
+from cdcl.instances.postprocess import (
     PostprocessParams, _finish, _remove_small, distance_to_background, fill_holes_of, instances_from_probability, tune_params,
 )
 

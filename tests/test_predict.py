@@ -19,7 +19,7 @@ from cdcl.cli import main
 @pytest.fixture
 def stand_in(monkeypatch) -> None:
     """`load_predictor` returns the stand-in (dark pixels are nuclei) whatever the checkpoint path."""
-    monkeypatch.setattr("cdcl.predict.load_predictor", lambda path, device, batch_size: stand_in_predictor(batch_size=batch_size or 4))
+    monkeypatch.setattr("cdcl.commands.predict.load_predictor", lambda path, device, batch_size: stand_in_predictor(batch_size=batch_size or 4))
 
 
 @pytest.fixture

@@ -10,11 +10,12 @@ import sys
 import pytest
 import torch
 
-from cdcl.checkpoint import load_checkpoint, load_predictor
+from cdcl.checkpoint import load_checkpoint
+from cdcl.inference.predictor import load_predictor
 from cdcl.cli import main
 from cdcl.config import load_config
 from cdcl.errors import CdclError
-from cdcl.train import Trainer, train
+from cdcl.training.engine import Trainer, train
 from training_helpers import tiny_dataset, tiny_overrides
 
 

@@ -15,11 +15,13 @@ from PIL import Image
 from make_slide import DISCS, RADIUS, disc_image, monuseg_mosaic, stand_in_predictor, write_pyramid
 from test_export import check_geojson
 
-import cdcl.wsi
+import cdcl.commands.predict_wsi
+import cdcl.wsi.pipeline
 from cdcl.cli import main
 from cdcl.errors import CdclError
-from cdcl.slide import ArrayReader, choose_level, open_slide, tissue_mask
-from cdcl.wsi import Journal, predict_slide
+from cdcl.wsi.readers import ArrayReader, choose_level, open_slide, tissue_mask
+from cdcl.wsi.journal import Journal
+from cdcl.wsi.pipeline import predict_slide
 
 def read_csv(path) -> list[dict[str, float]]:
     with open(path, newline="") as fh:
@@ -42,7 +44,7 @@ def checkpoint(tmp_path, monkeypatch) -> str:
     """A checkpoint path whose "loading" gives the stand-in predictor (dark pixels are nuclei)."""
     path = tmp_path / "model.pt"
     path.write_bytes(b"stand-in")
-    monkeypatch.setattr("cdcl.wsi.load_predictor", lambda path, device, batch_size: stand_in_predictor(window=256, batch_size=batch_size or 4))
+    monkeypatch.setattr("cdcl.commands.predict_wsi.load_predictor", lambda path, device, batch_size: stand_in_predictor(window=256, batch_size=batch_size or 4))
     return str(path)
 
 
@@ -93,8 +95,8 @@ def test_worker_processes_give_the_same_result(tmp_path, disc_slide, monkeypatch
     """Inline, and with workers fed through shared memory or (a full /dev/shm) through the pool's pipe."""
     image, _ = disc_slide
     predict_slide(stand_in_predictor(), ArrayReader(image, mpp=0.25), tmp_path / "a", stem="discs", tile=128, halo=32, workers=0)
-    monkeypatch.setattr(cdcl.wsi, "shared_memory_fits", lambda total: shared_memory)
-    with caplog.at_level(logging.INFO, logger="cdcl.wsi"):
+    monkeypatch.setattr(cdcl.wsi.pipeline, "shared_memory_fits", lambda total: shared_memory)
+    with caplog.at_level(logging.INFO, logger="cdcl.wsi.pipeline"):
         predict_slide(stand_in_predictor(), ArrayReader(image, mpp=0.25), tmp_path / "b", stem="discs", tile=128, halo=32, workers=2)
     assert ("through a pipe" in caplog.text) is not shared_memory
     for name in ("discs.geojson", "discs_nuclei.csv"):
@@ -221,7 +223,7 @@ def test_a_large_level_is_shrunk_to_a_thumbnail_piece_by_piece(tmp_path, mosaic,
     reads = []
     read_region = reader.read_region
     monkeypatch.setattr(reader, "read_region", lambda *args: reads.append(args[3] * args[4]) or read_region(*args))
-    monkeypatch.setattr("cdcl.slide.THUMBNAIL_CHUNK", 128)  # level 1 (600x500) is now "large"
+    monkeypatch.setattr("cdcl.wsi.readers.THUMBNAIL_CHUNK", 128)  # level 1 (600x500) is now "large"
     pieces = reader.thumbnail(256)
     assert len(reads) == 20 and max(reads) <= 128 * 128
     assert pieces.shape == whole.shape == (213, 256, 3)
@@ -272,7 +274,7 @@ def test_predict_wsi_takes_a_folder_of_slides_and_skips_the_finished_ones(tmp_pa
     assert summaries["left"]["settings"]["slide"]["path"] == str((folder / "left.tif").resolve())
     assert "2 slides, %d nuclei" % sum(s["nuclei"] for s in summaries.values()) in caplog.text
     written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    assert sorted(written) == sorted(f"{stem}{suffix}" for stem in ("left", "right") for suffix in cdcl.wsi.OUTPUTS)
+    assert sorted(written) == sorted(f"{stem}{suffix}" for stem in ("left", "right") for suffix in cdcl.wsi.pipeline.OUTPUTS)
 
     # journals as left by a run killed between writing its summary and removing them: the right slide's, with
     # the same settings, goes; one of another tiling, still resumable, stays
@@ -301,7 +303,7 @@ def test_a_slide_that_fails_midway_does_not_stop_the_others(tmp_path, mosaic, ch
         assert main(args) == 2
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("cdcl predict-wsi: error: 1 of 3 slides failed") and "b.tif: no tissue found" in last
-        assert sorted(p.name for p in out.iterdir()) == sorted(f"{s}{x}" for s in "ac" for x in cdcl.wsi.OUTPUTS)
+        assert sorted(p.name for p in out.iterdir()) == sorted(f"{s}{x}" for s in "ac" for x in cdcl.wsi.pipeline.OUTPUTS)
 
 
 def test_a_summary_only_vouches_for_outputs_of_its_own_run(tmp_path, mosaic, checkpoint, monkeypatch, caplog) -> None:
@@ -317,24 +319,24 @@ def test_a_summary_only_vouches_for_outputs_of_its_own_run(tmp_path, mosaic, che
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:  # a run of other settings stopped before it replaced any output...
-        patch.setattr(cdcl.wsi, "_predict_tiles", interrupted)
+        patch.setattr(cdcl.wsi.pipeline, "_predict_tiles", interrupted)
         assert main([*args, "--tile", "512"]) == 130
     with caplog.at_level(logging.INFO):  # ...leaves the finished run finished, and its own journal resumable
         assert main([*args, "--tile", "256"]) == 0
     assert "already done" in caplog.text and (out / "s.partial").is_dir()
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == finished
 
-    write_json = cdcl.wsi.write_json_atomic
+    write_json = cdcl.wsi.pipeline.write_json_atomic
 
     def killed_before_the_summary(path, obj):
         if path.name.endswith("_summary.json"):
             raise KeyboardInterrupt
         write_json(path, obj)
 
-    monkeypatch.setattr(cdcl.wsi, "write_json_atomic", killed_before_the_summary)
+    monkeypatch.setattr(cdcl.wsi.pipeline, "write_json_atomic", killed_before_the_summary)
     assert main([*args, "--tile", "512", "--halo", "0"]) == 130  # interrupted
     assert not (out / "s_summary.json").exists() and (out / "s.geojson").exists()
-    monkeypatch.setattr(cdcl.wsi, "write_json_atomic", write_json)
+    monkeypatch.setattr(cdcl.wsi.pipeline, "write_json_atomic", write_json)
     assert main([*args, "--tile", "256"]) == 0  # predicted again, not "already done"
     summary = json.loads((out / "s_summary.json").read_text())
     assert summary["tile"] == 256 and summary["nuclei"] == len(check_geojson(out / "s.geojson")["features"])
@@ -352,7 +354,7 @@ def test_every_slide_of_a_batch_records_the_checkpoint_that_predicted_it(tmp_pat
             fh.write(b" and more")
         return {"nuclei": 0, "tiles": {"tissue": 0}, "seconds": 0.0, "megapixels_per_s": None}
 
-    monkeypatch.setattr(cdcl.wsi, "predict_slide", predict_slide)
+    monkeypatch.setattr(cdcl.commands.predict_wsi, "predict_slide", predict_slide)
     size = os.path.getsize(checkpoint)
     assert main(["predict-wsi", "--checkpoint", checkpoint, str(tmp_path / "a.tif"), str(tmp_path / "b.tif"), "--out", str(tmp_path / "o")]) == 0
     assert [key["bytes"] for key in keys] == [size, size]
@@ -367,7 +369,7 @@ def test_the_resume_key_holds_the_device_and_precision(tmp_path, mosaic, checkpo
         keys.append(run_key)
         return {"nuclei": 0, "tiles": {"tissue": 0}, "seconds": 0.0, "megapixels_per_s": None}
 
-    monkeypatch.setattr(cdcl.wsi, "predict_slide", predict_slide)
+    monkeypatch.setattr(cdcl.commands.predict_wsi, "predict_slide", predict_slide)
     assert main(["predict-wsi", "--checkpoint", checkpoint, str(slide), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
     assert keys[0]["device"] == "cpu" and keys[0]["amp"] is False and keys[0]["mpp"] == pytest.approx(0.25)
 
@@ -400,7 +402,7 @@ def test_overlay_outlines_each_nucleus_on_the_thumbnail(tmp_path, disc_slide) ->
     run_seam_slide(disc_slide, tmp_path)
     overlay = np.asarray(Image.open(tmp_path / "discs_overlay.png"))
     assert overlay.shape == (460, 470, 3)  # smaller than THUMB_SIDE: the thumbnail is the slide itself
-    rows, cols = np.nonzero(np.all(overlay == cdcl.wsi.NUCLEUS_COLOR, axis=2))
+    rows, cols = np.nonzero(np.all(overlay == cdcl.wsi.pipeline.NUCLEUS_COLOR, axis=2))
     centres = np.array([(x, y) for x, y, _ in disc_slide[1]])
     distance = np.hypot(cols[:, None] + 0.5 - centres[:, 0], rows[:, None] + 0.5 - centres[:, 1])  # pixel x disc
     assert np.all(np.abs(distance.min(axis=1) - RADIUS) < 1.5)  # every drawn pixel lies on some disc's outline
@@ -414,7 +416,7 @@ def test_a_real_checkpoint_predicts_images_and_slides(tmp_path, mosaic) -> None:
     from cdcl.checkpoint import save_checkpoint
     from cdcl.config import load_config
     from cdcl.models import build_model
-    from cdcl.postprocess import PostprocessParams
+    from cdcl.instances.postprocess import PostprocessParams
 
     config = load_config(None, [*TINY_MODEL, "infer.window=128", "model.pretrained=false", "data.mpp=0.5"])
     checkpoint = str(tmp_path / "tiny.pt")
@@ -435,7 +437,7 @@ def test_a_real_checkpoint_predicts_images_and_slides(tmp_path, mosaic) -> None:
 
 def test_post_processing_workers_yield_cpu_to_the_forward_pass():
     """The pool starts at lower priority (nice +5), so on a small CPU the forward pass keeps its cores."""
-    with cdcl.wsi._start_pool(1) as pool:
+    with cdcl.wsi.pipeline._start_pool(1) as pool:
         assert pool.submit(os.nice, 0).result() == os.nice(0) + 5
 
 
@@ -444,8 +446,8 @@ def test_default_workers_inline_on_a_cpu_most_cores_with_a_gpu(tmp_path, disc_sl
     summary = predict_slide(stand_in_predictor(), ArrayReader(image, mpp=0.25), tmp_path, stem="d", tile=128, halo=32)
     assert summary["workers"] == 0  # a CPU predictor: post-processing between tiles, in this process
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    workers = cdcl.wsi.default_workers(torch.device("cuda"))
-    assert (workers, cdcl.wsi.reader_count(workers)) == (12, 3)  # with the main process: all 16 cores
+    workers = cdcl.wsi.pipeline.default_workers(torch.device("cuda"))
+    assert (workers, cdcl.wsi.pipeline.reader_count(workers)) == (12, 3)  # with the main process: all 16 cores
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert cdcl.wsi.default_workers(torch.device("cuda")) == 1
-    assert [cdcl.wsi.reader_count(w) for w in (0, 1, 4, 5)] == [0, 1, 1, 2]
+    assert cdcl.wsi.pipeline.default_workers(torch.device("cuda")) == 1
+    assert [cdcl.wsi.pipeline.reader_count(w) for w in (0, 1, 4, 5)] == [0, 1, 1, 2]

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cdcl.data.views import AugmentConfig, labeled_view, paired_views
 from cdcl.errors import from_workers
-from cdcl.representations import make_targets
+from cdcl.instances.representations import make_targets
 
 
 class SeededStreamSampler(Sampler):
@@ -76,7 +76,7 @@ class _ItemSet(Dataset):
 
 class LabeledSet(_ItemSet):
     """Labeled items -> {"image": 3xSxS float, "target": SxS int64 classes, ...} augmented views, with the
-    targets of the model's instance representation (``cdcl.representations.make_targets``)."""
+    targets of the model's instance representation (``cdcl.instances.representations.make_targets``)."""
 
     def __init__(self, items: Sequence, augment: AugmentConfig, representation: str = "binary") -> None:
         super().__init__(items, augment)

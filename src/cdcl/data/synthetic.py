@@ -14,13 +14,12 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage as ndi
 from skimage.color import rgb_from_hed
 from skimage.draw import line_aa, polygon
 from skimage.segmentation import find_boundaries
 
-from cdcl.io import atomic_path, ensure_writable_dir
+from cdcl.io import ensure_writable_dir, save_png
 
 log = logging.getLogger(__name__)
 
@@ -195,16 +194,11 @@ def write_synthetic_dataset(out_dir: str | Path, n_images: int, seed: int = 0, s
     names = [f"synth_{i:0{digits}d}.png" for i in range(n_images)]
     for i, name in enumerate(names):
         image, instances = synthetic_tile(np.random.default_rng([seed, i]), size)
-        _write_png(images / name, image)
+        save_png(images / name, image)
         if i < masks_for:
-            _write_png(masks / name, instances.astype(np.uint16))
+            save_png(masks / name, instances.astype(np.uint16))
     for folder, keep in ((images, names), (masks, names[:masks_for])):
         for stale in {p.name for p in folder.glob("synth_*.png")} - set(keep):
             (folder / stale).unlink()
     log.info("wrote %d synthetic images (%d with masks) to %s", n_images, masks_for, out_dir)
     return out_dir
-
-
-def _write_png(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from cdcl.losses import confident_cross_entropy, sigmoid_rampup
-from cdcl.representations import class_logits, distance_consistency, foreground_logits
-from cdcl.representations import supervised_loss as representation_loss
+from cdcl.methods.losses import confident_cross_entropy, sigmoid_rampup
+from cdcl.instances.representations import class_logits, distance_consistency, foreground_logits
+from cdcl.instances.representations import supervised_loss as representation_loss
 
 
 class Method:
     """Base class. ``losses`` returns named scalar tensors, always including ``total``."""
 
+    name: ClassVar[str]  # the config's method.name: one of cdcl.vocab.METHODS (the registry is keyed by it)
     uses_unlabeled = False
 
     def __init__(self, cfg: Any, representation: str = "binary") -> None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cdcl.losses import MemoryBank, cross_patch_contrastive, entropy_loss
+from cdcl.methods.losses import MemoryBank, cross_patch_contrastive, entropy_loss
 from cdcl.methods.base import Method, student_forward, teacher_forward
-from cdcl.representations import class_logits, foreground_logits
+from cdcl.instances.representations import class_logits, foreground_logits
 
 
 class CDCL(Method):
+    name = "cdcl"
+
     uses_unlabeled = True
 
     def __init__(self, cfg, representation: str = "binary") -> None:

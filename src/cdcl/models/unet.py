@@ -7,7 +7,7 @@ stride 2 (the encoder's stride-2 features as a skip where it has them) and the c
 output stride 2 its logits are upsampled bilinearly, at 1 it predicts each 2x2 block of input pixels (sub-pixel
 convolution, ``pixel_shuffle``), so a 1-px gap between touching nuclei can be drawn at the input resolution
 without paying for convolutions there. The classifier's channels follow the instance representation
-(``cdcl.representations``).
+(``cdcl.instances.representations``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cdcl.errors import CdclError
-from cdcl.representations import OUTPUT_CHANNELS, OUTPUT_STRIDES, check_representation
+from cdcl.errors import CdclError, squashed
+from cdcl.instances.representations import OUTPUT_CHANNELS, OUTPUT_STRIDES, check_representation
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -106,7 +106,7 @@ def create_encoder(name: str, pretrained: bool | str) -> nn.Module:
     try:
         encoder = timm.create_model(name, **kwargs)
     except Exception as exc:  # noqa: BLE001 - timm and the hub raise many types; each is a one-line user error
-        detail = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        detail = f"{type(exc).__name__}: {squashed(exc, 300)}"
         if not pretrained:  # features_only unsupported by this architecture
             raise CdclError(f"cannot build encoder '{name}' ({detail})") from None
         source = "this file" if path else "the Hugging Face hub (needs the network)"

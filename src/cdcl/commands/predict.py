@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cdcl.checkpoint import Predictor, load_predictor
+from cdcl.inference.predictor import load_predictor, Predictor
 from cdcl.data.images import IMAGE_SUFFIXES, read_image
 from cdcl.errors import CdclError
-from cdcl.export import nuclei_polygons, nuclei_table, write_csv, write_geojson, write_label_map
-from cdcl.infer import predict_instances
+from cdcl.instances.export import nuclei_polygons, nuclei_table, write_csv, write_geojson, write_label_map
+from cdcl.inference.predictor import predict_instances
 from cdcl.io import collect_inputs, ensure_writable_dir
-from cdcl.viz import overlay_contours, save_png
+from cdcl.io import save_png
+from cdcl.viz import overlay_contours
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,6 @@ def predict_files(predictor: Predictor, images: list[Path], out_dir: Path, forma
 def run(args: argparse.Namespace) -> int:
     formats = parse_formats(args.formats)
     images = collect_inputs(args.inputs, IMAGE_SUFFIXES, "images")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise CdclError(f"--batch-size must be at least 1, got {args.batch_size}")
     out_dir = ensure_writable_dir(args.out)
     predictor = load_predictor(args.checkpoint, device=args.device, batch_size=args.batch_size)
     total = predict_files(predictor, images, out_dir, formats)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from cdcl.slide import tile_nuclei_json
+from cdcl.wsi.worker import tile_nuclei_json
 
 SHM_FOLDER = "/dev/shm"  # where Linux keeps POSIX shared memory; containers often size it at only 64 MB
 PREFIX = "cdcl-tile-"

@@ -1,4 +1,5 @@
-"""``cdcl evaluate``: whole-image sliding-window prediction, instances, every metric, per-image CSV, overlays.
+"""Evaluation of a predictor on labeled items: whole-image prediction, instances, every metric, per-image CSV,
+overlays (``cdcl evaluate`` and ``cdcl demo``).
 
 Outputs are built in a temporary folder beside ``--out`` and moved into place only when complete, so a
 failure (bad checkpoint, image without mask, size mismatch) leaves nothing half-written.
@@ -6,7 +7,6 @@ failure (bad checkpoint, image without mask, size mismatch) leaves nothing half-
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -16,16 +16,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cdcl.checkpoint import Predictor, load_predictor
-from cdcl.data import load_dataset
-from cdcl.data.splits import read_split_file
 from cdcl.errors import CdclError
-from cdcl.infer import predict_instances
+from cdcl.inference.predictor import Predictor, predict_instances
 from cdcl.io import ensure_writable_dir
-from cdcl.metrics import aggregate, evaluate_pair
-from cdcl.viz import GT_COLOUR, PRED_COLOUR, overlay_contours, save_png
+from cdcl.metrics import SCORE_KEYS, aggregate, evaluate_pair
+from cdcl.io import save_png
+from cdcl.viz import GT_COLOUR, overlay_contours, PRED_COLOUR
 
-SUMMARY_KEYS = ("dice", "iou", "aji", "aji_plus", "dq", "sq", "pq", "precision", "recall", "f1")
+SUMMARY_KEYS = SCORE_KEYS  # the scores a table shows: every one the metrics compute
 
 
 def evaluate_items(predictor: Predictor, items: list, out_dir: str | Path, *, overlays: bool = True,
@@ -82,16 +80,3 @@ def format_table(results: dict[str, dict], keys: tuple[str, ...] = SUMMARY_KEYS)
     """Markdown table of per-image mean metrics, one row per named result."""
     head = "| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
     return head + "".join(f"| {name} | " + " | ".join(f"{r['mean'][k]:.3f}" for k in keys) + " |\n" for name, r in results.items())
-
-
-def run(args: argparse.Namespace) -> int:
-    predictor = load_predictor(args.checkpoint, args.device, args.batch_size)
-    dataset = load_dataset(args.data, args.format)
-    names = read_split_file(args.split, dataset) if args.split else [it.name for it in dataset if it.has_mask]
-    if not names:
-        raise CdclError("no annotated images to evaluate (data without masks)", args.split or args.data)
-    result = evaluate_items(predictor, dataset.subset(names), args.out, overlays=not args.no_overlays)
-    print(format_table({Path(args.checkpoint).name: result}), end="")
-    print("pooled: " + ", ".join(f"{k} {result['pooled'][k]:.3f}" for k in SUMMARY_KEYS if k in result["pooled"]))
-    print(f"wrote {Path(args.out) / 'metrics.json'}")
-    return 0

@@ -13,7 +13,7 @@ The pipeline (each stage a small function, so :func:`tune_params` can reuse the 
 5. instances smaller than ``min_size`` pixels are removed (isolated specks and thin watershed slivers alike),
    and the ids are made sequential 1..N (int32).
 
-A learned instance representation (``cdcl.representations``) gives a second map, the marker strength (interior
+A learned instance representation (``cdcl.instances.representations``) gives a second map, the marker strength (interior
 probability, or predicted distance to the boundary). :func:`instances_from_markers` then replaces steps 2-4:
 markers are the 8-connected regions of foreground where that map exceeds ``marker_threshold``, grown by a
 watershed of the negated map over the foreground; a foreground component without a marker is one nucleus.

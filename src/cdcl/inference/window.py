@@ -4,7 +4,7 @@ Windows overlap and are blended with a Gaussian weight so that every pixel's pro
 windows where it sits near the centre (where the network sees the most context). Images up to 4096 x 4096 px
 (a whole-slide tile, a dataset image) are blended on the accelerator and copied back once; larger ones in CPU
 memory (MONAI's ``sw_device`` idea), so the accelerator only ever holds one batch of windows whatever the
-image size. Inference never imports training code: the model comes from ``cdcl.checkpoint``.
+image size. Inference never imports training code: the model comes from ``cdcl.inference.predictor``.
 """
 
 from __future__ import annotations
@@ -12,17 +12,14 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from cdcl.postprocess import instances_from_maps
-from cdcl.representations import prediction_maps
+from cdcl.instances.representations import prediction_maps
 from cdcl.runtime import amp_dtype
-
-if TYPE_CHECKING:
-    from cdcl.checkpoint import Predictor
+from cdcl.windows import window_starts
 
 MULTIPLE = 32  # the encoder's total stride: network inputs must be multiples of it
 STITCH_ON_DEVICE_PIXELS = 4096 * 4096  # larger (padded) images are blended in CPU memory: ~130 MB of device memory
@@ -63,13 +60,6 @@ def _upload(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return pixels.to(device)
     return pixels.pin_memory().to(device, non_blocking=True)
-
-
-def window_starts(length: int, window: int, overlap: float) -> list[int]:
-    """Start offsets covering ``[0, length)`` with windows of ``window`` overlapping by ``overlap``; the last
-    window ends exactly at ``length`` (``length >= window``)."""
-    stride = max(1, int(window * (1 - overlap)))
-    return sorted({*range(0, length - window, stride), length - window})
 
 
 def _round_up(n: int, multiple: int = MULTIPLE) -> int:
@@ -134,7 +124,7 @@ def start_probability(
 ) -> PendingProbability:
     """Queue the prediction maps of ``image`` on the device and return without waiting for it: the HxW
     foreground probability of a binary model, or the 2xHxW foreground probability and marker strength of a
-    learned instance representation (``cdcl.representations.prediction_maps``).
+    learned instance representation (``cdcl.instances.representations.prediction_maps``).
 
     Images of any size are accepted: a side shorter than ``window`` gets one window of that side rounded up to a
     multiple of 32, and the image is reflect-padded to fill it. ``device`` defaults to the model's; ``amp``
@@ -190,17 +180,3 @@ def sliding_window_probability(model: torch.nn.Module, image: np.ndarray, **opti
 def foreground_of(maps: np.ndarray) -> np.ndarray:
     """The HxW foreground probability of prediction maps of either shape."""
     return maps if maps.ndim == 2 else maps[0]
-
-
-def predict_instances(predictor: Predictor, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(prediction maps, instance labels) of one image with the predictor's window and thresholds."""
-    prob = sliding_window_probability(
-        predictor.model,
-        image,
-        window=predictor.window,
-        overlap=predictor.overlap,
-        batch_size=predictor.batch_size,
-        device=predictor.device,
-        amp=predictor.amp,
-    )
-    return prob, instances_from_maps(prob, predictor.postprocess)

@@ -3,14 +3,14 @@
 Three instance representations, one vocabulary (:data:`REPRESENTATIONS`):
 
 - ``binary``: two classes (background, nucleus); the paper's model. Instances come from a distance-transform
-  watershed of the foreground alone (``cdcl.postprocess.instances_from_probability``).
+  watershed of the foreground alone (``cdcl.instances.postprocess.instances_from_probability``).
 - ``three_class``: background, nucleus interior, nucleus boundary (the inner ring of each instance, touching
   borders included). Interiors are the markers, grown over the foreground.
 - ``distance``: two classes plus one channel regressing each nucleus's distance to its own boundary, divided by
   its largest value (1 at the centre, small at the rim, 0 on background). Markers are its high plateaus.
 
 The two learned representations decode to the same two maps (foreground probability, marker strength), so one
-marker-controlled watershed (``cdcl.postprocess.instances_from_markers``) serves both. The binary model keeps its
+marker-controlled watershed (``cdcl.instances.postprocess.instances_from_markers``) serves both. The binary model keeps its
 single foreground map, so its predictions stay bit-for-bit those of the earlier releases.
 """
 

@@ -11,7 +11,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from cdcl.checkpoint import lean_payload, load_checkpoint, model_from_checkpoint, save_checkpoint
+from cdcl.checkpoint import lean_payload, load_checkpoint, save_checkpoint
+from cdcl.inference.predictor import model_from_checkpoint
 from cdcl.errors import CdclError
 
 log = logging.getLogger(__name__)

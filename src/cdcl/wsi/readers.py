@@ -1,37 +1,29 @@
-"""Slides without torch: readers, pyramid level choice, tissue mask, the tile grid and per-tile nuclei.
+"""Slides without torch: readers, pyramid level choice and tissue mask.
 
 Readers share one small protocol: OpenSlide, tiffslide as a fallback, and an in-memory array. ``read_region``
 takes coordinates and sizes *at the requested level* and returns RGB uint8; transparent or out-of-slide
 pixels read as white (background), so callers never see premultiplied alpha.
-
-Nothing here imports torch, so the post-processing pool of ``cdcl.wsi`` starts its workers in a fraction of
-the time and memory (they run :func:`tile_nuclei`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
 from skimage.filters import threshold_otsu
 
-from cdcl.errors import CdclError
-from cdcl.export import label_centroids, nuclei_polygons, nuclei_table
-from cdcl.postprocess import instances_from_maps
+from cdcl.errors import CdclError, squashed
+from cdcl.ranges import check_mpp, plausible_mpp
 
 log = logging.getLogger(__name__)
 
 BACKGROUND = (255, 255, 255)
 RESIDUAL_TOLERANCE = 0.10  # a level within 10% of the target resolution is used without resizing
-PLAUSIBLE_MPP = (0.01, 50.0)  # microns per pixel: 1000x to 0.2x objectives; outside, the metadata is wrong
 MAX_UPSAMPLING = 4  # a slide needing more enlargement to reach the model's resolution holds too little detail
 THUMBNAIL_CHUNK = 4096  # a level larger than this squared is shrunk to a thumbnail in pieces of this side
 SATURATION_BOUNDS = (0.04, 0.15)  # Otsu's saturation threshold is clamped into this range (see tissue_mask)
@@ -142,7 +134,7 @@ class FileSlideReader:
         try:
             return _to_rgb(read())
         except Exception as exc:  # noqa: BLE001 - the backends raise many types for the same damage
-            detail = " ".join(str(exc).split())[:160]
+            detail = squashed(exc, 160)
             _silence_abandoned_reads()
             raise CdclError(f"cannot read {what} of the slide: damaged file? ({type(exc).__name__}: {detail})", self.name) from None
 
@@ -188,55 +180,25 @@ def open_slide(path: str | Path, mpp_override: float | None = None, need_mpp: bo
     path = Path(path)
     if not path.is_file():
         raise CdclError("slide file not found", path)
-    if mpp_override is not None and not PLAUSIBLE_MPP[0] <= mpp_override <= PLAUSIBLE_MPP[1]:
-        raise CdclError(f"--mpp must be between {PLAUSIBLE_MPP[0]} and {PLAUSIBLE_MPP[1]} microns per pixel, got {mpp_override}")
+    if mpp_override is not None:
+        check_mpp(mpp_override, "--mpp")
     failures = []
     for backend in ("openslide", "tiffslide"):
         try:
             reader = FileSlideReader(path, backend, mpp_override)
             break
         except Exception as exc:  # noqa: BLE001 - each backend has its own error types; report both
-            failures.append(f"{backend}: {' '.join(str(exc).split())[:120] or type(exc).__name__}")
+            failures.append(f"{backend}: {squashed(exc, 120) or type(exc).__name__}")
     else:
         raise CdclError(f"cannot read slide ({'; '.join(failures)})", path)
     if not need_mpp:
         return reader
     if reader.mpp is None or not reader.mpp > 0:
         raise CdclError("no resolution metadata (microns per pixel) in the slide; pass --mpp", path)
-    if not PLAUSIBLE_MPP[0] <= reader.mpp <= PLAUSIBLE_MPP[1]:
+    if not plausible_mpp(reader.mpp):
         raise CdclError(f"implausible resolution in the slide's metadata: {reader.mpp:.4g} microns per pixel (a "
                         "default 72 dpi header?); pass --mpp", path)
     return reader
-
-
-def open_slides(paths: Sequence[Path], mpp_override: float | None, target_mpp: float | None) -> list[FileSlideReader]:
-    """Every slide of a batch opened (:func:`open_slide`) and checked against ``target_mpp`` (the resolution to
-    read at; None: level 0) before any is read, so a bad one stops the command before it has done anything."""
-    readers = [open_slide(path, mpp_override, need_mpp=target_mpp is not None) for path in paths]
-    for reader in readers:
-        choose_level(reader, target_mpp)
-    return readers
-
-
-def for_each_slide(readers: Sequence[SlideReader], work: Callable[[SlideReader], None]) -> None:
-    """``work(reader)`` for every slide of a batch. A slide that fails with a CdclError (no tissue, a damaged tile,
-    another run writing it) is reported and the others still run; then one CdclError names every failed slide.
-    A single slide's own error is raised as it is."""
-    failures = []
-    for number, reader in enumerate(readers, 1):
-        if len(readers) > 1:
-            log.info("slide %d of %d: %s", number, len(readers), reader.name)
-        try:
-            work(reader)
-        except CdclError as err:
-            if len(readers) == 1:
-                raise
-            log.error("%s (going on with the other slides)", err)
-            failures.append(str(err))
-    if failures:
-        rest = "the others are done; " if len(failures) < len(readers) else ""
-        raise CdclError(f"{len(failures)} of {len(readers)} slides failed ({rest}a re-run keeps what is done): "
-                        f"{'; '.join(failures)}")
 
 
 def choose_level(reader: SlideReader, target_mpp: float | None) -> tuple[int, float]:
@@ -267,89 +229,3 @@ def tissue_mask(thumbnail: np.ndarray, source: str | None = None) -> np.ndarray:
     if not mask.any():
         raise CdclError("no tissue found (the thumbnail has no stained, saturated region)", source)
     return mask
-
-
-@dataclass(frozen=True)
-class Grid:
-    """Tiles at the working resolution (the chosen level resized by ``residual``)."""
-
-    level: int
-    residual: float  # level pixels per working pixel
-    scale: float  # level-0 pixels per working pixel
-    width: int
-    height: int
-    level_size: tuple[int, int]
-    tile: int
-    halo: int
-
-    @classmethod
-    def for_slide(cls, reader: SlideReader, level: int, residual: float, tile: int, halo: int) -> Grid:
-        level_w, level_h = reader.level_dimensions[level]
-        return cls(level, residual, reader.level_downsamples[level] * residual, int(level_w / residual),
-                   int(level_h / residual), (level_w, level_h), tile, halo)
-
-    def cores(self) -> list[tuple[int, int, int, int]]:
-        """``(x0, y0, x1, y1)`` of every grid cell, row-major; the list index is the tile's id."""
-        return [(x, y, min(x + self.tile, self.width), min(y + self.tile, self.height))
-                for y in range(0, self.height, self.tile) for x in range(0, self.width, self.tile)]
-
-    def box(self, core: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
-        """The core grown by the halo, clipped to the slide."""
-        x0, y0, x1, y1 = core
-        h = self.halo
-        return max(x0 - h, 0), max(y0 - h, 0), min(x1 + h, self.width), min(y1 + h, self.height)
-
-    def read(self, reader: SlideReader, box: tuple[int, int, int, int]) -> np.ndarray:
-        """The box's pixels at the working resolution."""
-        x0, y0, x1, y1 = box
-        r = self.residual
-        lx0, ly0 = round(x0 * r), round(y0 * r)
-        lx1, ly1 = min(round(x1 * r), self.level_size[0]), min(round(y1 * r), self.level_size[1])
-        region = reader.read_region(self.level, lx0, ly0, lx1 - lx0, ly1 - ly0)
-        if r == 1.0:
-            return region
-        return np.array(Image.fromarray(region).resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR))  # writable
-
-
-def tissue_tiles(grid: Grid, mask: np.ndarray, level0_width: int, min_fraction: float = 0.0) -> list[tuple[int, tuple[int, int, int, int]]]:
-    """``(id, core)`` of the grid cells that touch the tissue mask, and have at least ``min_fraction`` of their
-    area in it."""
-    to_mask = mask.shape[1] / level0_width * grid.scale  # mask pixels per working pixel
-    tiles = []
-    for index, core in enumerate(grid.cores()):
-        x0, y0, x1, y1 = core
-        cell = mask[int(y0 * to_mask) : int(np.ceil(y1 * to_mask)), int(x0 * to_mask) : int(np.ceil(x1 * to_mask))]
-        if cell.any() and cell.mean() >= min_fraction:
-            tiles.append((index, core))
-    return tiles
-
-
-def tile_nuclei(prob: np.ndarray, image: np.ndarray, params: Any, core: tuple[int, ...], box: tuple[int, ...], scale: float) -> list[list]:
-    """``[measurements, ring]`` (level-0 pixels) of the nuclei whose centroid lies in the tile's core: the seam
-    rule of ``cdcl.wsi``. ``prob`` (prediction maps, HxW or 2xHxW) and ``image`` cover ``box`` (the core plus
-    halo), all in working pixels."""
-    labels = instances_from_maps(prob, params)
-    ids, x, y = label_centroids(labels, origin=box[:2])
-    x0, y0, x1, y1 = core
-    labels = np.where(np.isin(labels, ids[(x0 <= x) & (x < x1) & (y0 <= y) & (y < y1)]), labels, 0)
-    offset = (box[0] * scale, box[1] * scale)
-    rows = nuclei_table(labels, image, offset=offset, scale=scale)
-    return [[row, ring] for row, (_, ring) in zip(rows, nuclei_polygons(labels, offset=offset, scale=scale))]
-
-
-def tile_nuclei_json(*args: Any) -> str:
-    """:func:`tile_nuclei` as JSON text, serialised in the post-processing worker rather than the main process."""
-    return json.dumps(tile_nuclei(*args), separators=(",", ":"))
-
-
-def yield_to_prediction(worker_id: int | None = None) -> None:
-    """Lower this process's CPU priority: tile readers and post-processing workers give way to the forward pass,
-    whose threads would otherwise all wait on the one a worker displaced (measured: ``benchmarks/wsi_memory.py``).
-    Serves as a pool initializer and as a DataLoader ``worker_init_fn`` (which passes ``worker_id``)."""
-    if hasattr(os, "nice"):  # POSIX only
-        os.nice(5)
-
-
-def ready() -> None:
-    """A no-op for the post-processing pool's first jobs: a worker imports this module (about a second) on its
-    first job, so ``cdcl.wsi`` sends these while the slide is being opened rather than with the first tile."""

@@ -1,4 +1,4 @@
-"""``cdcl predict-wsi``: nuclei of a whole-slide image, streamed tile by tile with bounded memory.
+"""Nuclei of a whole-slide image, streamed tile by tile with bounded memory (``cdcl predict-wsi``).
 
 Pipeline: choose the pyramid level matching the checkpoint's microns-per-pixel -> tissue mask on a thumbnail ->
 tissue tiles read (with a halo) by DataLoader workers, each opening its own reader -> sliding-window
@@ -24,11 +24,9 @@ interrupted anywhere is finished by re-running the same command.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import functools
-import json
 import logging
 import os
 import shutil
@@ -47,17 +45,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cdcl import __version__
-from cdcl.checkpoint import Predictor, load_predictor
 from cdcl.errors import CdclError, from_workers
-from cdcl.export import NUCLEUS_COLOR, csv_stream, geojson_stream, nucleus_feature
-from cdcl.handoff import SHM_FOLDER, SharedTileHandoff, remove_orphaned_blocks, shared_memory_fits, tile_bytes
-from cdcl.infer import PendingProbability, start_probability
-from cdcl.io import collect_inputs, ensure_writable_dir, remove_leftover_temporaries, write_json_atomic
-from cdcl.slide import (
-    SLIDE_SUFFIXES, THUMB_SIDE, Grid, SlideReader, choose_level, for_each_slide, open_slides, ready, tile_nuclei_json,
-    tissue_mask, tissue_tiles, yield_to_prediction,
-)
-from cdcl.viz import save_png
+from cdcl.inference.predictor import Predictor
+from cdcl.inference.window import PendingProbability, start_probability
+from cdcl.instances.export import NUCLEUS_COLOR, csv_stream, geojson_stream, nucleus_feature
+from cdcl.io import ensure_writable_dir, remove_leftover_temporaries, save_png, write_json_atomic
+from cdcl.wsi.grid import Grid, tissue_tiles
+from cdcl.wsi.handoff import SHM_FOLDER, SharedTileHandoff, remove_orphaned_blocks, shared_memory_fits, tile_bytes
+from cdcl.wsi.journal import Journal, as_recorded, read_record
+from cdcl.wsi.readers import THUMB_SIDE, SlideReader, choose_level, tissue_mask
+from cdcl.wsi.worker import ready, tile_nuclei_json, yield_to_prediction
 
 log = logging.getLogger(__name__)
 
@@ -86,65 +83,6 @@ class TileDataset(Dataset):
 
 def _unchanged(sample: dict[str, Any]) -> dict[str, Any]:
     return sample
-
-
-def _read_record(path: Path) -> dict[str, Any] | None:
-    """A JSON object an earlier run wrote (settings, a summary); None when missing, damaged or not an object."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def _as_recorded(obj: Any) -> Any:
-    """``obj`` as it reads back from JSON (tuples become lists), to compare with a record."""
-    return json.loads(json.dumps(obj))
-
-
-class Journal:
-    """Finished tiles as JSON lines, next to the settings that produced them (resume or restart cleanly)."""
-
-    def __init__(self, folder: Path, key: dict[str, Any]) -> None:
-        self.folder, self.lines = folder, folder / "tiles.jsonl"
-        self.finished: set[int] = set()
-        run_file = folder / "run.json"
-        if self.lines.is_file() and _read_record(run_file) == _as_recorded(key):
-            try:
-                self.finished = self._recover()
-                return
-            except (ValueError, KeyError, TypeError):
-                log.warning("%s is damaged; starting the slide over", self.lines)
-        elif folder.exists():
-            log.info("%s was made with other settings; starting the slide over", folder)
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        self.lines.touch()
-        write_json_atomic(run_file, key)
-
-    def _recover(self) -> set[int]:
-        """Indices of complete lines; a line cut by a kill (no final newline) is truncated away."""
-        data = self.lines.read_bytes()
-        complete = data[: data.rfind(b"\n") + 1]
-        if len(complete) != len(data):
-            with open(self.lines, "r+b") as fh:
-                fh.truncate(len(complete))
-        return {json.loads(line)["tile"] for line in complete.splitlines()}
-
-    def append(self, index: int, nuclei_json: str) -> None:
-        """Record a finished tile; ``nuclei_json`` is the JSON text of its ``[measurements, ring]`` list."""
-        with open(self.lines, "a") as fh:
-            fh.write(f'{{"tile":{index},"nuclei":{nuclei_json}}}\n')
-        self.finished.add(index)
-
-    def nuclei(self) -> Iterator[tuple[dict[str, Any], list]]:
-        """``(measurements, ring)`` of every kept nucleus, with slide-wide ids 1..N in tile order."""
-        nucleus_id = 0
-        with open(self.lines) as fh:
-            for line in fh:
-                for row, ring in json.loads(line)["nuclei"]:
-                    nucleus_id += 1
-                    yield {**row, "id": nucleus_id}, ring
 
 
 def default_workers(device: torch.device) -> int:
@@ -254,15 +192,15 @@ def write_outputs(journal: Journal, out_dir: Path, stem: str, thumbnail: np.ndar
 def finished_summary(out_dir: Path, stem: str, settings: dict[str, Any]) -> dict[str, Any] | None:
     """The summary of an earlier run of ``stem`` with these ``settings`` whose outputs are all in place, else
     None. The summary is written after the other outputs, so its presence means they are complete."""
-    summary = _read_record(out_dir / f"{stem}_summary.json")
-    same = summary is not None and summary.get("settings") == _as_recorded(settings)
+    summary = read_record(out_dir / f"{stem}_summary.json")
+    same = summary is not None and summary.get("settings") == as_recorded(settings)
     return summary if same and all((out_dir / f"{stem}{suffix}").is_file() for suffix in OUTPUTS) else None
 
 
 def _remove_own_journal(folder: Path, settings: dict[str, Any]) -> None:
     """Remove the journal left by a finished run with ``settings``; one of other settings may still be resumed."""
-    key = _read_record(folder / "run.json")
-    if key is not None and all(key.get(name) == value for name, value in _as_recorded(settings).items()):
+    key = read_record(folder / "run.json")
+    if key is not None and all(key.get(name) == value for name, value in as_recorded(settings).items()):
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -344,48 +282,3 @@ def predict_slide(
         write_json_atomic(out_dir / f"{stem}_summary.json", summary)
         shutil.rmtree(journal.folder)
     return summary
-
-
-def _file_key(path: str | Path) -> dict[str, Any] | None:
-    """Identity of an input file for the resume check: path, size and modification time (None: no such file;
-    its reader reports that)."""
-    path = Path(path).resolve()
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return {"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.tile < 64:
-        raise CdclError(f"--tile must be at least 64 px, got {args.tile}")
-    if args.halo < 0 or (args.workers is not None and args.workers < 0) or (args.batch_size is not None and args.batch_size < 1):
-        raise CdclError("--halo and --workers must be >= 0 and --batch-size >= 1")
-    paths = collect_inputs(args.slides, SLIDE_SUFFIXES, "slides")
-    checkpoint = _file_key(args.checkpoint)  # the file loaded now, whatever becomes of it during a long batch
-    predictor = load_predictor(args.checkpoint, device=args.device, batch_size=args.batch_size)
-    if _file_key(args.checkpoint) != checkpoint:
-        raise CdclError("the checkpoint changed while it was being loaded (a training run saving it?); run again", args.checkpoint)
-    if predictor.mpp is None:
-        log.info("the checkpoint stores no training resolution: predicting at the slides' level 0%s",
-                 " (--mpp only reported)" if args.mpp is not None else "")
-    readers = open_slides(paths, args.mpp, predictor.mpp)
-    slides = {reader.name: _file_key(reader.name) for reader in readers}
-    out_dir = ensure_writable_dir(args.out)
-    nuclei = []
-
-    def predict_one(reader: SlideReader) -> None:
-        run_key = {"slide": slides[reader.name], "checkpoint": checkpoint, "mpp": reader.mpp,
-                   "device": predictor.device.type, "amp": predictor.amp}  # a resumed run must not mix GPU and CPU tiles
-        summary = predict_slide(predictor, reader, out_dir, stem=Path(reader.name).stem, tile=args.tile, halo=args.halo,
-                                workers=args.workers, run_key=run_key)
-        nuclei.append(summary["nuclei"])
-        if not summary.get("skipped"):
-            log.info("%d nuclei in %d tiles, %.1f s (%s megapixels/s) -> %s", summary["nuclei"],
-                     summary["tiles"]["tissue"], summary["seconds"], summary["megapixels_per_s"], out_dir)
-
-    for_each_slide(readers, predict_one)
-    if len(readers) > 1:
-        log.info("%d slides, %d nuclei -> %s", len(readers), sum(nuclei), out_dir)
-    return 0

@@ -19,11 +19,10 @@ from typing import Any
 
 import numpy as np
 import tifffile
-from PIL import Image
 
 from cdcl.errors import CdclError
-from cdcl.io import atomic_path
-from cdcl.outlines import label_outlines
+from cdcl.io import atomic_path, save_png
+from cdcl.instances.outlines import label_outlines
 
 NUCLEUS_COLUMNS = (
     "id", "centroid_x", "centroid_y", "area", "perimeter", "eccentricity", "mean_intensity", "mean_r", "mean_g", "mean_b",
@@ -58,7 +57,7 @@ def _per_label(owner: np.ndarray) -> tuple[np.ndarray, np.ndarray, Callable[[np.
 def label_centroids(labels: np.ndarray, origin: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(ids, x, y)``: centroids in pixel coordinates of a frame where ``labels`` starts at integer ``origin``
     (x, y). Sums of integer coordinates are exact, so two overlapping crops of the same nucleus get the very
-    same centroid (what the seam rule of ``cdcl.wsi`` needs)."""
+    same centroid (what the seam rule of ``cdcl.wsi.pipeline`` needs)."""
     rr, cc = np.nonzero(labels)
     ids, _, mean = _per_label(labels[rr, cc])
     return ids, mean(cc + origin[0]) + 0.5, mean(rr + origin[1]) + 0.5
@@ -226,8 +225,7 @@ def write_label_map(path: str | Path, labels: np.ndarray) -> None:
     if suffix == ".png":
         if labels.size and labels.max() > np.iinfo(np.uint16).max:
             raise CdclError(f"{int(labels.max())} nuclei do not fit a 16-bit PNG; write the labels-tiff format instead", path)
-        with atomic_path(path) as tmp:
-            Image.fromarray(labels.astype(np.uint16)).save(tmp, format="PNG")
+        save_png(path, labels.astype(np.uint16))
     elif suffix in (".tif", ".tiff"):
         with atomic_path(path) as tmp:
             tifffile.imwrite(tmp, labels.astype(np.uint32), compression="zlib")

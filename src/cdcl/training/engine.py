@@ -9,7 +9,6 @@ DistributedDataParallel (the EMA teacher stays outside it); without a launcher i
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -29,18 +28,19 @@ from tqdm import tqdm
 
 from cdcl import __version__
 from cdcl.checkpoint import lean_payload, load_checkpoint, save_checkpoint
-from cdcl.config import Config, dump_config, load_config
-from cdcl.data import load_dataset
+from cdcl.config import Config, dump_config
+from cdcl.data import load_dataset, require_masks
 from cdcl.data.loaders import LabeledSet, UnlabeledSet, stream_loader
 from cdcl.data.splits import read_split_file
-from cdcl.errors import CdclError
-from cdcl.infer import foreground_of, sliding_window_probability, windows_per_batch
-from cdcl.io import ensure_writable_dir, remove_leftover_temporaries, write_text_atomic
-from cdcl.losses import ema_alpha
+from cdcl.errors import CdclError, squashed
+from cdcl.inference.window import foreground_of, sliding_window_probability, windows_per_batch
+from cdcl.io import complete_lines, ensure_writable_dir, remove_leftover_temporaries, write_text_atomic
+from cdcl.instances.postprocess import tune_params
 from cdcl.methods import build_method
+from cdcl.methods.losses import ema_alpha
 from cdcl.models import build_model
-from cdcl.postprocess import tune_params
 from cdcl.runtime import amp_dtype, resolve_device, seed_everything
+from cdcl.vocab import OPTIMIZERS, SCHEDULES, spoken
 from cdcl.viz import plot_training_curves
 
 log = logging.getLogger(__name__)
@@ -112,10 +112,7 @@ def load_splits(config: Config, needs_unlabeled: bool) -> Splits:
     if not labeled:
         raise CdclError("labeled split is empty: nothing to train on", split_dir / "labeled.txt")
     for name, items in (("labeled.txt", labeled), ("val.txt", read("val.txt", False))):
-        missing = [it.name for it in items if not it.has_mask]
-        if missing:
-            raise CdclError(f"item '{missing[0]}' has no mask ({len(missing)} unannotated items in a list that needs masks)",
-                            split_dir / name)
+        require_masks(items, split_dir / name)
     unlabeled = read("unlabeled.txt", False)
     if needs_unlabeled and not unlabeled:
         raise CdclError(f"method '{config.method.name}' needs unlabeled items but the list is empty", split_dir / "unlabeled.txt")
@@ -138,7 +135,9 @@ def lr_factor(step: int, config: Config) -> float:
         return (1.0 - progress) ** 0.9
     if o.schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 1.0
+    if o.schedule == "constant":
+        return 1.0
+    raise CdclError(f"optim.schedule must be {spoken(SCHEDULES)}")
 
 
 def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
@@ -146,7 +145,9 @@ def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
-    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    raise CdclError(f"optim.name must be {spoken(OPTIMIZERS, quote=chr(39))}")
 
 
 @torch.no_grad()
@@ -259,7 +260,7 @@ class Trainer:
             self.method.load_state_dict(payload["method_state"])
             torch.set_rng_state(payload["rng"]["torch"])
         except (KeyError, RuntimeError, ValueError) as exc:
-            raise CdclError(f"cannot resume: checkpoint does not match this run ({' '.join(str(exc).split())[:160]})", path) from None
+            raise CdclError(f"cannot resume: checkpoint does not match this run ({squashed(exc, 160)})", path) from None
         self.step, self.skipped = payload["step"], payload.get("skipped", 0)
         self.best, self.best_step = payload["best"]["dice"], payload["best"]["step"]
         self.postprocess, self.complete = payload.get("postprocess"), payload.get("complete", False)
@@ -273,9 +274,7 @@ class Trainer:
         path = self._metrics_path()
         if not path.exists():
             return []
-        text = path.read_text()
-        complete = text[: text.rfind("\n") + 1]  # a line cut short by a kill has no newline: dropped
-        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+        return [json.loads(line) for line in complete_lines(path.read_text()).splitlines() if line.strip()]
 
     def _trim_metrics(self) -> None:
         """Drop records written after the checkpoint we resume from, so the log matches the weights."""
@@ -443,11 +442,3 @@ class Trainer:
 def train(config: Config, out_dir: str | Path, progress: bool | None = None) -> dict[str, Any]:
     """Train (or resume) one run; returns a summary dict."""
     return Trainer(config, out_dir, progress).fit()
-
-
-def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.set)
-    summary = train(config, args.out)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary))
-    return 0
