@@ -35,7 +35,7 @@ from skimage.measure import find_contours, regionprops_table  # noqa: E402
 from cdcl.instances import export  # noqa: E402
 from cdcl.data import read_image, read_label_image  # noqa: E402
 from cdcl.io import write_json_atomic, write_text_atomic  # noqa: E402
-from provenance import git_commit  # noqa: E402
+from provenance import git_commit, machine  # noqa: E402
 from test_export import reference_polygons, reference_table  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -110,13 +110,9 @@ def mosaic(stems: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return labels, image
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
-            "scipy": scipy.__version__, "scikit-image": skimage.__version__, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+def versions() -> dict:
+    return {"numpy": np.__version__, "scipy": scipy.__version__, "scikit-image": skimage.__version__,
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
 
 
 def totals(maps: list[dict]) -> dict:
@@ -185,7 +181,7 @@ def main() -> int:
     stems = sorted(p.stem for p in (TRAIN / "masks").glob("*.png"))[: 3 if args.quick else None]
     repeats = 1 if args.quick else args.repeats
     result = {"command": " ".join(["python", "benchmarks/export_speed.py", *sys.argv[1:]]), "git_commit": git_commit(),
-              "machine": machine(), "loadavg_start": [round(x, 2) for x in load_start], "repeats": repeats,
+              "machine": machine(**versions()), "loadavg_start": [round(x, 2) for x in load_start], "repeats": repeats,
               "masks": len(stems)}
     maps = {}
     for stem in stems:

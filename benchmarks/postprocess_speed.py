@@ -29,8 +29,8 @@ from skimage.segmentation import relabel_sequential
 from cdcl.instances import postprocess
 from cdcl.inference.predictor import load_predictor
 from cdcl.inference.window import sliding_window_probability
-from export_speed import MOSAIC, TRAIN, load, machine, mosaic, timed, write_results
-from provenance import git_commit
+from export_speed import MOSAIC, TRAIN, load, mosaic, timed, versions, write_results
+from provenance import git_commit, machine
 
 
 @contextlib.contextmanager
@@ -109,7 +109,7 @@ def main() -> int:
     repeats = 1 if args.quick else args.repeats
     probs, params, source = probability_maps(stems, args.checkpoint)
     result = {"command": " ".join(["python", "benchmarks/postprocess_speed.py", *sys.argv[1:]]), "git_commit": git_commit(),
-              "machine": machine(), "loadavg_start": [round(x, 2) for x in load_start], "repeats": repeats,
+              "machine": machine(**versions()), "loadavg_start": [round(x, 2) for x in load_start], "repeats": repeats,
               "images": len(stems), "source": source, "params": params.to_dict(), "maps": {}}
     for name, prob in probs.items():
         result["maps"][name] = bench_map(prob, params, repeats)

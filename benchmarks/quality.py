@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from provenance import git_commit
+from provenance import accelerator_machine, git_commit
 
 from cdcl.vocab import METHODS
 
@@ -124,13 +124,6 @@ def select(runs: list[Run], prefixes: list[str]) -> list[Run]:
     return sorted((r for r in runs if rank[r.key] is not None), key=lambda r: rank[r.key])
 
 
-def machine() -> dict:
-    import torch
-
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
 def load_results() -> dict:
     path = RESULTS / "quality.json"
     return json.loads(path.read_text()) if path.exists() else {"runs": {}}
@@ -205,7 +198,7 @@ def execute(run: Run, extra: list[str], data_root: str = DEFAULT_DATA) -> dict:
         "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
         "median_s_per_iter": sorted(s_per_iter)[len(s_per_iter) // 2] if s_per_iter else None,
         "train_command": " ".join(["cdcl", *train_cmd[3:]]), "eval_command": " ".join(["cdcl", *eval_cmd[3:]]),
-        "commit": git_commit(), "machine": machine(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "commit": git_commit(), "machine": accelerator_machine(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
 

@@ -39,7 +39,7 @@ from cdcl.vocab import METHODS# noqa: E402
 from cdcl.inference.window import pad_to, sliding_window_probability, window_layout  # noqa: E402
 from cdcl.io import write_json_atomic, write_text_atomic  # noqa: E402
 from cdcl.methods.losses import patch_contrastive_loss  # noqa: E402
-from provenance import git_commit  # noqa: E402
+from provenance import git_commit, machine  # noqa: E402
 from cdcl.methods import build_method  # noqa: E402
 from cdcl.models import build_model  # noqa: E402
 from cdcl.instances.postprocess import PostprocessParams, instances_from_probability  # noqa: E402
@@ -314,17 +314,6 @@ def bench_inference(checkpoint: str | None, image_name: str | None, repeats: int
 
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
-
-
 def fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}g}" if abs(x) < 1e-3 else f"{x:.{digits}f}"
 
@@ -418,7 +407,7 @@ def main() -> int:
     embed = method_config("cdcl").model.embed_dim
     sizes = [(16, 256, 64)] if quick else [(64, 1024, 64), (256, 4096, 64), (256, 4096, 128), (1024, 8192, 64)]
     result = {"command": " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]]), "git_commit": git_commit(),
-              "machine": machine(), "loadavg_start": [round(x, 2) for x in load_start], "quick": quick}
+              "machine": machine(torch=torch.__version__, torch_threads=torch.get_num_threads(), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS")), "loadavg_start": [round(x, 2) for x in load_start], "quick": quick}
     print("contrastive loss ...", flush=True)
     result["contrastive"] = bench_contrastive(sizes, (cdcl_cfg.num_anchors, bank, embed), 3 if quick else 5)
     print("training steps ...", flush=True)
