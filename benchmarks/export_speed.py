@@ -1,6 +1,6 @@
 """Speed of the nucleus exports (``cdcl.instances.export``) against the code they replaced, on real MoNuSeg label maps:
 ``label_perimeters`` vs ``regionprops_table(..., "perimeter")``, ``nuclei_table`` vs per-pixel moments with the
-regionprops perimeter (``reference_table`` in tests/test_export.py), and ``nuclei_polygons`` vs the per-nucleus
+regionprops perimeter (``reference_table`` in cdcl/testing/exports.py), and ``nuclei_polygons`` vs the per-nucleus
 ``find_contours`` loop (``reference_polygons``). Every output is compared with the old one: polygons and table rows
 must be identical.
 
@@ -15,9 +15,7 @@ takes the fastest of its repeats (the least disturbed by other processes on a sh
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,7 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the old code, as references, lives with the tests
 
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402
@@ -36,7 +33,7 @@ from cdcl.instances import export  # noqa: E402
 from cdcl.data import read_image, read_label_image  # noqa: E402
 from cdcl.io import write_json_atomic, write_text_atomic  # noqa: E402
 from provenance import git_commit, machine  # noqa: E402
-from test_export import reference_polygons, reference_table  # noqa: E402
+from cdcl.testing.exports import reference_polygons, reference_table  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 TRAIN = REPO.parent / "shared" / "data" / "monuseg" / "train"

@@ -16,7 +16,6 @@ import fcntl
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time

@@ -17,7 +17,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the naive loop reference lives with the tests
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -87,7 +85,7 @@ def bench_contrastive(sizes: list[tuple[int, int, int]], train_size: tuple[int, 
     The training-size row (anchors x bank of a real CDCL step) times the dense loss alone, forward and
     forward+backward: the naive loop would take many minutes there.
     """
-    from reference_contrastive import naive_patch_contrastive_loss
+    from cdcl.testing.contrastive import naive_patch_contrastive_loss
 
     hyper = {"temperature": 0.1, "bdp": 0.2, "fdp": 0.8}
     rows = []
@@ -327,7 +325,7 @@ def markdown(r: dict) -> str:
              f"Other work shared the machine (1-minute load average {r['loadavg_start'][0]} on {m['cpu_count']} CPUs at "
              "the start): absolute seconds are only indicative; the ratios compare contenders measured side by side "
              "(interleaved) in the same run.", "",
-             "## Dense contrastive loss vs the naive loop (`tests/reference_contrastive.py`)", "",
+             "## Dense contrastive loss vs the naive loop (`cdcl/testing/contrastive.py`)", "",
              "| anchors N | bank M | dim D | dense s | naive s | speed-up | max abs diff (float32) | max abs diff (float64) |",
              "|---|---|---|---|---|---|---|---|"]
     for row in r["contrastive"]:

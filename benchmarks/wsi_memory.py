@@ -20,7 +20,7 @@ and .md with:
     python benchmarks/wsi_memory.py --checkpoint runs/x/best.pt [--device cuda] [--workers 8]
     python benchmarks/wsi_memory.py --stand-in --sizes 2048 8192      # pipeline only, no trained model
 
-`--stand-in` replaces the checkpoint by the pointwise stand-in model of tests/make_slide.py: it measures the
+`--stand-in` replaces the checkpoint by the pointwise stand-in model of cdcl/testing/slides.py: it measures the
 streaming machinery (reading, stitching, post-processing, writing) but not a real network.
 """
 
@@ -41,7 +41,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # make_slide: slide builder and stand-in model shared with the tests
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -59,7 +58,7 @@ STAND_IN_WINDOW = 256
 def build_slide(folder: Path, side: int, compression: str, data: Path = SHARED_DATA) -> Path:
     """An all-tissue side x side pyramidal TIFF of MoNuSeg tiles (JPEG tiles by default, like scanner output);
     one already in ``folder`` (``--keep``) is reused."""
-    from make_slide import monuseg_mosaic, write_pyramid
+    from cdcl.testing.slides import monuseg_mosaic, write_pyramid
 
     path = folder / f"monuseg_{side}.tif"
     if path.is_file():
@@ -162,7 +161,7 @@ def forward_seconds(predictor, batches: list[torch.Tensor]) -> float:
 
 def load(args: argparse.Namespace):
     if args.stand_in:
-        from make_slide import stand_in_predictor
+        from cdcl.testing.slides import stand_in_predictor
 
         return stand_in_predictor(window=STAND_IN_WINDOW, batch_size=args.batch_size or 8)
     from cdcl.inference.predictor import load_predictor
@@ -216,7 +215,7 @@ def child_stand_in(argv: list[str]) -> int:
     """`cdcl <argv>` with the stand-in predictor in place of the checkpoint (``--stand-in`` runs)."""
     import cdcl.commands.predict_wsi
     from cdcl.cli import main
-    from make_slide import stand_in_predictor
+    from cdcl.testing.slides import stand_in_predictor
 
     cdcl.commands.predict_wsi.load_predictor = lambda path, device, batch_size: stand_in_predictor(window=STAND_IN_WINDOW, batch_size=batch_size or 8)
     return main(argv)
@@ -245,7 +244,7 @@ def main() -> int:
     try:
         checkpoint = args.checkpoint or str(work / "stand-in.pt")
         if args.stand_in:
-            Path(checkpoint).write_bytes(b"stand-in model: see tests/make_slide.py")
+            Path(checkpoint).write_bytes(b"stand-in model: see cdcl/testing/slides.py")
         slides = [build_slide(work, side, args.compression, args.data) for side in args.sizes]
         predictor = load(args)
         runs, bare = [], []
@@ -273,7 +272,7 @@ def main() -> int:
     result = {
         "command": " ".join(["python", "benchmarks/wsi_memory.py", *sys.argv[1:]]),
         "commit": git_commit(), "platform": platform.platform(), "load_average_at_end": list(os.getloadavg()),
-        "model": "stand-in (pointwise, tests/make_slide.py)" if args.stand_in else args.checkpoint,
+        "model": "stand-in (pointwise, cdcl/testing/slides.py)" if args.stand_in else args.checkpoint,
         "device": device, "cpus": os.cpu_count(), "torch": torch.__version__, "tile": args.tile, "halo": args.halo,
         "workers": runs[0]["workers"], "window": predictor.window, "batch_size": predictor.batch_size, "amp": predictor.amp,
         "runs": runs, "bare_forward": bare,

@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cdcl"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("cdcl.cli", "cdcl.commands"),  # commands
+    ("cdcl.cli", "cdcl.commands", "cdcl.testing"),  # commands; references and stand-ins for tests and benchmarks
     ("cdcl.training", "cdcl.wsi"),  # pipelines
     ("cdcl.inference",),  # running a model (training validates with it, wsi streams it)
     ("cdcl.config",),  # the typed experiment config

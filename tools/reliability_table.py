@@ -5,7 +5,7 @@
         tests/test_numerics.py tests/test_security.py
     python tools/reliability_table.py /tmp/cases.jsonl docs/RELIABILITY.md
 
-Each test appends one JSON line per case (see ``tests/cli_cases.py``): suite, command, input, expected outcome,
+Each test appends one JSON line per case (see ``tests/helpers/cli_cases.py``): suite, command, input, expected outcome,
 exit code, the one-line message and, for some, an observed outcome. The table is only as good as the run it
 comes from: generate it from a passing run.
 """

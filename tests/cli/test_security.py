@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_cases import CliResult, World, assert_ok, assert_refused, copy_data, run_cdcl, write_slide
+from helpers.cli_cases import CliResult, World, assert_ok, assert_refused, copy_data, run_cdcl, write_slide
 
 from cdcl.checkpoint import load_checkpoint
 

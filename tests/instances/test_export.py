@@ -1,28 +1,27 @@
 """Nucleus exports: measurements, polygons (valid, right area, level-0 coordinates), GeoJSON, CSV, label maps.
 
 The whole-map perimeter and outline tracing are checked against scikit-image per region: ``regionprops`` and
-``find_contours`` on each nucleus' padded crop (the reference below), on random label maps and a real mask."""
+``find_contours`` on each nucleus' padded crop (``cdcl.testing.exports``), on random label maps and a real mask."""
 
 from __future__ import annotations
 
 import csv
-import json
 
-import jsonschema
 import numpy as np
 import pytest
 import shapely.geometry
+from helpers.geojson import check_geojson
 import tifffile
 from PIL import Image
-from scipy import ndimage
 from skimage.draw import disk, ellipse
 from skimage.filters import gaussian
-from skimage.measure import find_contours, regionprops, regionprops_table
+from skimage.measure import regionprops, regionprops_table
 from skimage.segmentation import watershed
 
 from cdcl.instances import export, outlines
 from cdcl.data import read_image, read_label_image
 from cdcl.errors import CdclError
+from cdcl.testing.exports import reference_polygons, reference_table
 from cdcl.instances.export import (
     NUCLEUS_COLUMNS,
     label_perimeters,
@@ -34,58 +33,6 @@ from cdcl.instances.export import (
 )
 
 # The parts of RFC 7946 a QuPath import relies on, for polygon features.
-POSITION = {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}
-RING = {"type": "array", "items": POSITION, "minItems": 4}
-GEOJSON_SCHEMA = {
-    "type": "object",
-    "required": ["type", "features"],
-    "properties": {
-        "type": {"const": "FeatureCollection"},
-        "features": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["type", "id", "geometry", "properties"],
-                "properties": {
-                    "type": {"const": "Feature"},
-                    "id": {"type": "string", "format": "uuid"},
-                    "geometry": {
-                        "type": "object",
-                        "required": ["type", "coordinates"],
-                        "properties": {"type": {"const": "Polygon"}, "coordinates": {"type": "array", "items": RING, "minItems": 1}},
-                    },
-                    "properties": {
-                        "type": "object",
-                        "required": ["objectType", "classification", "measurements"],
-                        "properties": {
-                            "objectType": {"const": "detection"},
-                            "classification": {
-                                "type": "object",
-                                "required": ["name", "color"],
-                                "properties": {"name": {"type": "string"}, "color": {"type": "array", "items": {"type": "integer"}, "minItems": 3, "maxItems": 3}},
-                            },
-                            "measurements": {"type": "object", "additionalProperties": {"type": "number"}},
-                        },
-                    },
-                },
-            },
-        },
-    },
-}
-
-
-def check_geojson(path) -> dict:
-    """Schema-valid, closed rings, every polygon valid by shapely; returns the parsed collection."""
-    data = json.loads(path.read_text())
-    jsonschema.validate(data, GEOJSON_SCHEMA, format_checker=jsonschema.FormatChecker())
-    for feature in data["features"]:
-        ring = feature["geometry"]["coordinates"][0]
-        assert ring[0] == ring[-1]
-        assert shapely.geometry.shape(feature["geometry"]).is_valid
-    assert len({f["id"] for f in data["features"]}) == len(data["features"])
-    return data
-
-
 @pytest.fixture
 def scene() -> tuple[np.ndarray, np.ndarray]:
     """Labels with non-contiguous ids, a disc, an ellipse, a single pixel and a diagonal pixel pair, each
@@ -188,7 +135,6 @@ def test_label_maps_round_trip_as_16_bit_png_and_32_bit_tiff(tmp_path, scene) ->
 
 def test_table_matches_scikit_image_regionprops(shared_data) -> None:
     """The moment-based measurements equal regionprops' on a real MoNuSeg label map (non-contiguous ids too)."""
-    from skimage.measure import regionprops_table
 
     stem = "TCGA-18-5592-01Z-00-DX1"
     labels = np.asarray(Image.open(shared_data / "monuseg" / "train" / "masks" / f"{stem}.png")).astype(np.int32)[:400, :400] * 3
@@ -201,59 +147,6 @@ def test_table_matches_scikit_image_regionprops(shared_data) -> None:
         np.testing.assert_allclose([r[column] for r in rows], ref[key] + 0.5, atol=1e-3)
     for column, key in [("area", "area"), ("perimeter", "perimeter"), ("eccentricity", "eccentricity"), ("mean_r", "intensity_mean-0"), ("mean_b", "intensity_mean-2")]:
         np.testing.assert_allclose([r[column] for r in rows], ref[key], atol=1e-3)
-
-
-def reference_polygons(labels: np.ndarray, offset: tuple[float, float] = (0, 0), scale: float = 1.0) -> list:
-    """The per-nucleus definition of ``nuclei_polygons``: find_contours on each nucleus' zero-padded crop, the
-    longest contour, collinear vertices dropped, pixel centres at +0.5, rounded to 3 decimals."""
-    result = []
-    for index, box in enumerate(ndimage.find_objects(labels)):
-        if box is None:
-            continue
-        mask = np.zeros((box[0].stop - box[0].start + 2, box[1].stop - box[1].start + 2), np.float32)
-        mask[1:-1, 1:-1] = labels[box] == index + 1
-        ring = max(find_contours(mask, 0.5, fully_connected="high"), key=len)
-        after = np.diff(ring, axis=0)
-        before = np.concatenate([after[-1:], after[:-1]])
-        points = ring[:-1][before[:, 0] * after[:, 1] != before[:, 1] * after[:, 0]]
-        ring = np.concatenate([points, points[:1]])
-        rows = ring[:, 0] + box[0].start - 1 + 0.5
-        cols = ring[:, 1] + box[1].start - 1 + 0.5
-        coords = np.stack([cols * scale + offset[0], rows * scale + offset[1]], axis=1)
-        result.append((index + 1, np.round(coords, 3).tolist()))
-    return result
-
-
-def reference_table(labels: np.ndarray, image: np.ndarray, offset: tuple[float, float] = (0, 0), scale: float = 1.0) -> list:
-    """``nuclei_table`` as it was: moments summed per pixel, the perimeter from ``regionprops_table``."""
-    rr, cc = np.nonzero(labels)
-    counts = np.bincount(labels[rr, cc])
-    ids = np.flatnonzero(counts)
-    if not len(ids):
-        return []
-
-    def mean(values: np.ndarray) -> np.ndarray:
-        return np.bincount(labels[rr, cc], values.astype(np.float64), minlength=len(counts))[ids] / counts[ids]
-
-    rows, cols = mean(rr), mean(cc)
-    var_r, var_c, cov = mean(rr * rr) - rows**2, mean(cc * cc) - cols**2, mean(rr * cc) - rows * cols
-    spread = np.sqrt(((var_r - var_c) / 2) ** 2 + cov**2)
-    major, minor = (var_r + var_c) / 2 + spread, (var_r + var_c) / 2 - spread
-    eccentricity = np.sqrt(np.clip(1 - np.divide(minor, major, out=np.ones_like(major), where=major > 0), 0, 1))
-    rgb = [mean(image[rr, cc, k]) for k in range(3)]
-    columns = {
-        "centroid_x": (cols + 0.5) * scale + offset[0],
-        "centroid_y": (rows + 0.5) * scale + offset[1],
-        "area": counts[ids] * scale**2,
-        "perimeter": regionprops_table(labels, properties=("label", "perimeter"))["perimeter"] * scale,
-        "eccentricity": eccentricity,
-        "mean_intensity": 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2],
-        "mean_r": rgb[0],
-        "mean_g": rgb[1],
-        "mean_b": rgb[2],
-    }
-    values = [ids.tolist()] + [np.round(columns[k], 3).tolist() for k in NUCLEUS_COLUMNS[1:]]
-    return [dict(zip(NUCLEUS_COLUMNS, row)) for row in zip(*values)]
 
 
 def random_label_map(seed: int, shape: tuple[int, int] = (90, 110)) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from make_slide import DarkStandIn, stand_in_predictor
+from cdcl.testing.slides import DarkStandIn, stand_in_predictor
 from PIL import Image
 from skimage.draw import disk
 

@@ -16,7 +16,7 @@ from cdcl.cli import main
 from cdcl.config import load_config
 from cdcl.errors import CdclError
 from cdcl.training.engine import Trainer, train
-from training_helpers import tiny_dataset, tiny_overrides
+from helpers.training import tiny_dataset, tiny_overrides
 
 
 @pytest.fixture(scope="module")

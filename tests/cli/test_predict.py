@@ -8,10 +8,10 @@ import logging
 
 import numpy as np
 import pytest
-from make_slide import stand_in_predictor
+from cdcl.testing.slides import stand_in_predictor
 from PIL import Image
 from skimage.draw import disk
-from test_export import check_geojson
+from helpers.geojson import check_geojson
 
 from cdcl.cli import main
 

@@ -8,11 +8,11 @@ import re
 
 import numpy as np
 import pytest
-from cli_cases import assert_ok, run_cdcl
-from make_slide import monuseg_mosaic, write_pyramid
+from helpers.cli_cases import assert_ok, run_cdcl
+from cdcl.testing.slides import monuseg_mosaic, write_pyramid
 from PIL import Image
-from test_export import check_geojson
-from training_helpers import tiny_overrides
+from helpers.geojson import check_geojson
+from helpers.training import tiny_overrides
 
 from cdcl.cli import main
 from cdcl.data.readers import load_dataset

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_cases import Running, World, assert_ok, run_cdcl, start_cdcl, stray_files, write_slide
+from helpers.cli_cases import Running, World, assert_ok, run_cdcl, start_cdcl, stray_files, write_slide
 
 from cdcl.checkpoint import load_checkpoint
 from cdcl.wsi.handoff import remove_orphaned_blocks

@@ -1,7 +1,8 @@
 """A deliberately naive reference of the cross-patch contrastive loss, written straight from PAPER.md.
 
 Python loops over anchors and bank entries, float64 arithmetic with ``math``; no vectorisation, no stability
-tricks, so it is easy to check by eye. Tests and benchmarks compare ``cdcl.methods.losses.patch_contrastive_loss`` to it.
+tricks, so it is easy to check by eye. Tests and benchmarks compare ``cdcl.methods.losses.patch_contrastive_loss``
+to it.
 """
 
 from __future__ import annotations

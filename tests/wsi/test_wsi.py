@@ -12,8 +12,8 @@ import pytest
 import shapely.geometry
 import torch
 from PIL import Image
-from make_slide import DISCS, RADIUS, disc_image, monuseg_mosaic, stand_in_predictor, write_pyramid
-from test_export import check_geojson
+from cdcl.testing.slides import DISCS, RADIUS, disc_image, monuseg_mosaic, stand_in_predictor, write_pyramid
+from helpers.geojson import check_geojson
 
 import cdcl.commands.predict_wsi
 import cdcl.wsi.pipeline
@@ -411,7 +411,7 @@ def test_overlay_outlines_each_nucleus_on_the_thumbnail(tmp_path, disc_slide) ->
 
 def test_a_real_checkpoint_predicts_images_and_slides(tmp_path, mosaic) -> None:
     """End to end through the real checkpoint loader, with an untrained tiny network (inference plumbing only)."""
-    from training_helpers import TINY_MODEL
+    from helpers.training import TINY_MODEL
 
     from cdcl.checkpoint import save_checkpoint
     from cdcl.config import load_config

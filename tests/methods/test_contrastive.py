@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from reference_contrastive import naive_patch_contrastive_loss
+from cdcl.testing.contrastive import naive_patch_contrastive_loss
 
 from cdcl.methods.losses import (
     MemoryBank,

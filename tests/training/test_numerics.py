@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from cli_cases import TINY_ENCODER, Recorder
+from helpers.cli_cases import TINY_ENCODER, Recorder
 from torch import nn
-from training_helpers import tiny_dataset, tiny_overrides
+from helpers.training import tiny_dataset, tiny_overrides
 
 import cdcl.training.engine
 from cdcl.checkpoint import load_checkpoint

@@ -1,6 +1,6 @@
 """Broken inputs through the real CLI: every case exits 2 with one line naming the file (or config key) and the
 problem, never a traceback, and leaves no partial output; valid but unusual inputs (RGBA, grey, 16-bit, palette
-images and masks) work. Each case is recorded for docs/RELIABILITY.md (see tests/cli_cases.py)."""
+images and masks) work. Each case is recorded for docs/RELIABILITY.md (see tests/helpers/cli_cases.py)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from cli_cases import (TINY_ENCODER, World, assert_ok, assert_refused, copy_data, run_cdcl, stray_files, write_slide)
-from make_slide import write_pyramid
+from helpers.cli_cases import (TINY_ENCODER, World, assert_ok, assert_refused, copy_data, run_cdcl, stray_files, write_slide)
+from cdcl.testing.slides import write_pyramid
 from PIL import Image
-from test_export import check_geojson
+from helpers.geojson import check_geojson
 
 from cdcl.checkpoint import load_checkpoint, save_checkpoint
 from cdcl.config import config_from_dict
