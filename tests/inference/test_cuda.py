@@ -1,6 +1,6 @@
 """CUDA paths: mixed-precision training, GPU inference against the CPU, a GPU checkpoint used on the CPU.
 
-Skipped without a GPU (CI has none); run on a GPU machine with ``pytest tests/test_cuda.py``.
+Skipped without a GPU (CI has none); run on a GPU machine with ``pytest tests/inference/test_cuda.py``.
 """
 
 from __future__ import annotations
