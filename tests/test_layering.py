@@ -25,8 +25,17 @@ LAYERS: list[tuple[str, ...]] = [
     ("cdcl.metrics",),  # numpy/scipy only
 ]
 # The utilities every layer may use; they may use each other, and nothing above them.
-FOUNDATION = ("cdcl", "cdcl.errors", "cdcl.vocab", "cdcl.ranges", "cdcl.windows", "cdcl.io", "cdcl.runtime",
-              "cdcl.checkpoint", "cdcl.viz")
+FOUNDATION = (
+    "cdcl",
+    "cdcl.errors",
+    "cdcl.vocab",
+    "cdcl.ranges",
+    "cdcl.windows",
+    "cdcl.io",
+    "cdcl.runtime",
+    "cdcl.checkpoint",
+    "cdcl.viz",
+)
 STANDALONE = ("cdcl.metrics",)  # imports nothing of the package at all
 
 
@@ -93,15 +102,27 @@ def test_imports_follow_the_layers(path: Path) -> None:
     assert not found, f"{path}:\n" + "\n".join(found)
 
 
-@pytest.mark.parametrize(("importer", "source", "problem"), [
-    ("cdcl.inference.window", "import torch\n\ndef f():\n    from cdcl.training.engine import train\n",
-     "line 4: cdcl.inference.window imports cdcl.training.engine: cdcl.inference may not import the layer above it "
-     "(cdcl.training)"),
-    ("cdcl.wsi.pipeline", "from cdcl.training import engine\n",
-     "line 1: cdcl.wsi.pipeline imports cdcl.training: cdcl.wsi may not import cdcl.training, a room of its own layer"),
-    ("cdcl.metrics", "from cdcl.errors import CdclError\n",
-     "line 1: cdcl.metrics imports cdcl.errors: cdcl.metrics imports nothing of the package"),
-])
+@pytest.mark.parametrize(
+    ("importer", "source", "problem"),
+    [
+        (
+            "cdcl.inference.window",
+            "import torch\n\ndef f():\n    from cdcl.training.engine import train\n",
+            "line 4: cdcl.inference.window imports cdcl.training.engine: cdcl.inference may not import the layer above it "
+            "(cdcl.training)",
+        ),
+        (
+            "cdcl.wsi.pipeline",
+            "from cdcl.training import engine\n",
+            "line 1: cdcl.wsi.pipeline imports cdcl.training: cdcl.wsi may not import cdcl.training, a room of its own layer",
+        ),
+        (
+            "cdcl.metrics",
+            "from cdcl.errors import CdclError\n",
+            "line 1: cdcl.metrics imports cdcl.errors: cdcl.metrics imports nothing of the package",
+        ),
+    ],
+)
 def test_the_contracts_catch_forbidden_imports(importer: str, source: str, problem: str) -> None:
     assert violations(importer, source) == [problem]
 

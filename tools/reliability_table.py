@@ -18,19 +18,40 @@ from collections import Counter
 from pathlib import Path
 
 SUITES = {
-    "bad_inputs": ("Bad inputs", "tests/cli/test_bad_inputs.py: broken files, configs, lists, checkpoints and output folders "
-                   "through the real CLI. Refusals must exit 2 with stderr's last line `cdcl COMMAND: error: PATH: "
-                   "PROBLEM`, no traceback, and no partial output; unusual but valid inputs must work. `data check` "
-                   "lists every problem on stdout instead (and exits 2)."),
-    "interrupts": ("Interrupted runs", "tests/cli/test_interrupts.py: `cdcl train` and `cdcl predict-wsi` killed with "
-                   "SIGKILL (no cleanup possible), then re-run with the same command."),
-    "numerics": ("Numerical faults", "tests/training/test_numerics.py: NaN injected into batches and statistics during "
-                 "training (in-process), and CDCL's loss terms on degenerate unlabeled batches."),
-    "security": ("Security", "tests/cli/test_security.py: files from untrusted sources. For the resource attacks, the "
-                 "CPU time and peak memory of the refusing process are shown next to those of the same command on "
-                 "genuine input (the test allows at most 3 CPU s and 100 MB more)."),
+    "bad_inputs": (
+        "Bad inputs",
+        "tests/cli/test_bad_inputs.py: broken files, configs, lists, checkpoints and output folders "
+        "through the real CLI. Refusals must exit 2 with stderr's last line `cdcl COMMAND: error: PATH: "
+        "PROBLEM`, no traceback, and no partial output; unusual but valid inputs must work. `data check` "
+        "lists every problem on stdout instead (and exits 2).",
+    ),
+    "interrupts": (
+        "Interrupted runs",
+        "tests/cli/test_interrupts.py: `cdcl train` and `cdcl predict-wsi` killed with "
+        "SIGKILL (no cleanup possible), then re-run with the same command.",
+    ),
+    "numerics": (
+        "Numerical faults",
+        "tests/training/test_numerics.py: NaN injected into batches and statistics during "
+        "training (in-process), and CDCL's loss terms on degenerate unlabeled batches.",
+    ),
+    "security": (
+        "Security",
+        "tests/cli/test_security.py: files from untrusted sources. For the resource attacks, the "
+        "CPU time and peak memory of the refusing process are shown next to those of the same command on "
+        "genuine input (the test allows at most 3 CPU s and 100 MB more).",
+    ),
 }
-COMMAND_ORDER = ["data check", "split", "train", "train (in-process)", "CDCL.losses", "evaluate", "predict", "predict-wsi"]
+COMMAND_ORDER = [
+    "data check",
+    "split",
+    "train",
+    "train (in-process)",
+    "CDCL.losses",
+    "evaluate",
+    "predict",
+    "predict-wsi",
+]
 
 FIXED = [
     "`predict-wsi` with `--workers` > 0 killed as a whole process group (SIGKILL to the group, as a container "
@@ -54,7 +75,7 @@ FIXED = [
     "`train` with a missing or empty `data.root` / `data.split_dir`: the message did not name the config key, and an "
     "empty `data.root` silently meant the current folder (src/cdcl/training/engine.py `config_folder`: resolved, checked, "
     "key named).",
-    "A random-bytes, truncated or legacy-pickle checkpoint was reported as \"could run code\" after being handed "
+    'A random-bytes, truncated or legacy-pickle checkpoint was reported as "could run code" after being handed '
     "to the unpickler (src/cdcl/checkpoint.py: anything that is not a zip archive is refused before unpickling).",
     "`predict-wsi` on a truncated or damaged TIFF: a traceback from tiffslide/zarr, then asyncio's tracebacks of the "
     "abandoned reads at exit (src/cdcl/wsi/readers.py: backend read errors become one line; the abandoned reads are "
@@ -90,8 +111,10 @@ def table(cases: list[dict]) -> list[str]:
     rows = sorted(enumerate(cases), key=lambda ic: (order.get(ic[1]["command"], len(order)), ic[0]))
     lines = ["| # | Command | Input | Expected | Exit | Message | Observed |", "|---|---|---|---|---|---|---|"]
     for number, (_, case) in enumerate(rows, start=1):
-        lines.append(f"| {number} | {cell(case['command'])} | {cell(case['input'])} | {cell(case['expected'])} | "
-                     f"{exit_text(case['exit_code'])} | {cell(case['message'])} | {cell(case['outcome'])} |")
+        lines.append(
+            f"| {number} | {cell(case['command'])} | {cell(case['input'])} | {cell(case['expected'])} | "
+            f"{exit_text(case['exit_code'])} | {cell(case['message'])} | {cell(case['outcome'])} |"
+        )
     return lines
 
 

@@ -53,12 +53,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CdclError("checkpoint not found", path)
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged or foreign
-        raise CdclError("not a readable checkpoint: corrupt, truncated or another format (no PyTorch zip archive)", path)
+        raise CdclError(
+            "not a readable checkpoint: corrupt, truncated or another format (no PyTorch zip archive)", path
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).splitlines()[0] if "Weights only load failed" not in str(exc) else "it holds objects other than tensors and plain data"
-        raise CdclError(f"refusing to load checkpoint: {reason} (it could run code; only cdcl checkpoints are accepted)", path) from None
+        reason = (
+            str(exc).splitlines()[0]
+            if "Weights only load failed" not in str(exc)
+            else "it holds objects other than tensors and plain data"
+        )
+        raise CdclError(
+            f"refusing to load checkpoint: {reason} (it could run code; only cdcl checkpoints are accepted)", path
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CdclError(f"corrupt or truncated checkpoint ({squashed(exc, 160)})", path) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -105,8 +105,12 @@ def add_data(sub: Subparsers) -> None:
     _add_format(q)
     q.add_argument("--config", metavar="FILE", help="take augmentation settings from a training config")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    q.add_argument("--n", type=checked(int, lambda n: n >= 1, "--n must be >= 1, got {value}"), default=6,
-                   help="number of images (rows)")
+    q.add_argument(
+        "--n",
+        type=checked(int, lambda n: n >= 1, "--n must be >= 1, got {value}"),
+        default=6,
+        help="number of images (rows)",
+    )
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", required=True, metavar="PNG", help="output PNG file")
     q.set_defaults(handler="cdcl.commands.data:show")
@@ -114,19 +118,45 @@ def add_data(sub: Subparsers) -> None:
 
 def add_tiles(sub: Subparsers) -> None:
     p = sub.add_parser("tiles", help="cut tissue tiles from whole-slide images: unlabeled training data")
-    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files (SVS, TIFF, NDPI, MRXS, ...) or folders of them")
+    p.add_argument(
+        "slides", nargs="+", metavar="SLIDE", help="slide files (SVS, TIFF, NDPI, MRXS, ...) or folders of them"
+    )
     _add_out(p, help="folder for the PNG tiles, e.g. DATA/images of a `folder` dataset (created if missing)")
-    p.add_argument("--size", type=checked(int, lambda n: n >= 32, TILES_LIMITS), default=256, metavar="PX",
-                   help="tile side in pixels (default: 256)")
-    p.add_argument("--per-slide", type=checked(int, lambda n: n >= 1, TILES_LIMITS), default=100, metavar="N",
-                   help="tiles drawn from each slide (default: 100)")
-    p.add_argument("--tile-mpp", type=mpp_option("--tile-mpp"), default=None, metavar="UM",
-                   help="microns per pixel of the tiles: that of your annotated tiles (default: each slide's level 0)")
+    p.add_argument(
+        "--size",
+        type=checked(int, lambda n: n >= 32, TILES_LIMITS),
+        default=256,
+        metavar="PX",
+        help="tile side in pixels (default: 256)",
+    )
+    p.add_argument(
+        "--per-slide",
+        type=checked(int, lambda n: n >= 1, TILES_LIMITS),
+        default=100,
+        metavar="N",
+        help="tiles drawn from each slide (default: 100)",
+    )
+    p.add_argument(
+        "--tile-mpp",
+        type=mpp_option("--tile-mpp"),
+        default=None,
+        metavar="UM",
+        help="microns per pixel of the tiles: that of your annotated tiles (default: each slide's level 0)",
+    )
     _add_slide_mpp(p)
-    p.add_argument("--min-tissue", type=checked(float, lambda x: 0 <= x <= 1, TILES_LIMITS), default=0.5,
-                   metavar="FRACTION", help="least share of a tile in the tissue mask (default: 0.5)")
-    p.add_argument("--seed", type=checked(int, lambda n: n >= 0, TILES_LIMITS), default=0,
-                   help="which tiles are drawn (default: 0); tiles already written are kept")
+    p.add_argument(
+        "--min-tissue",
+        type=checked(float, lambda x: 0 <= x <= 1, TILES_LIMITS),
+        default=0.5,
+        metavar="FRACTION",
+        help="least share of a tile in the tissue mask (default: 0.5)",
+    )
+    p.add_argument(
+        "--seed",
+        type=checked(int, lambda n: n >= 0, TILES_LIMITS),
+        default=0,
+        help="which tiles are drawn (default: 0); tiles already written are kept",
+    )
     p.set_defaults(handler="cdcl.commands.tiles:run")
 
 
@@ -134,16 +164,36 @@ def add_split(sub: Subparsers) -> None:
     p = sub.add_parser("split", help="write labeled/unlabeled/val/test lists for a label budget")
     p.add_argument("data", metavar="DATA", help="dataset folder")
     _add_format(p)
-    p.add_argument("--labeled", required=True, metavar="FRACTION",
-                   help="labeled fraction of the training items: 0.0625, 1/16, ...")
-    p.add_argument("--seed", type=checked(int, lambda n: n >= 0, "--seed must be 0 or more, got {value}"), default=0,
-                   help="split seed (same inputs + seed = byte-identical files)")
-    p.add_argument("--tile", type=int, default=None, metavar="PX",
-                   help="cut training images into PX x PX tiles (monuseg default: 250; 0: whole images)")
-    p.add_argument("--val", type=float, default=None, metavar="FRACTION",
-                   help="validation share of the annotated training images (default: 0.1)")
-    p.add_argument("--test", type=float, default=None, metavar="FRACTION",
-                   help="test share of the annotated images when the dataset has no official test set (default: 0.2)")
+    p.add_argument(
+        "--labeled", required=True, metavar="FRACTION", help="labeled fraction of the training items: 0.0625, 1/16, ..."
+    )
+    p.add_argument(
+        "--seed",
+        type=checked(int, lambda n: n >= 0, "--seed must be 0 or more, got {value}"),
+        default=0,
+        help="split seed (same inputs + seed = byte-identical files)",
+    )
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="cut training images into PX x PX tiles (monuseg default: 250; 0: whole images)",
+    )
+    p.add_argument(
+        "--val",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="validation share of the annotated training images (default: 0.1)",
+    )
+    p.add_argument(
+        "--test",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="test share of the annotated images when the dataset has no official test set (default: 0.2)",
+    )
     _add_out(p)
     p.set_defaults(handler="cdcl.commands.data:split")
 
@@ -151,8 +201,9 @@ def add_split(sub: Subparsers) -> None:
 def add_train(sub: Subparsers) -> None:
     p = sub.add_parser("train", help="train a model; re-running the same command resumes")
     p.add_argument("--config", required=True, metavar="FILE", help="YAML config (see configs/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. method.w_contr=0")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. method.w_contr=0"
+    )
     _add_out(p, "run folder: resolved config, last.pt, best.pt, metrics.jsonl, curves.png")
     p.set_defaults(handler="cdcl.commands.train:run")
 
@@ -173,8 +224,9 @@ def add_export(sub: Subparsers) -> None:
     p = sub.add_parser("export", help="the prediction-only model file (weights, config, thresholds) from a checkpoint")
     p.add_argument("checkpoint", metavar="CKPT", help="a best.pt or last.pt written by `cdcl train`")
     p.add_argument("out", metavar="OUT", help="the model file to write")
-    p.add_argument("--half", action="store_true",
-                   help="store the weights as float16 (half the size; loaded back as float32)")
+    p.add_argument(
+        "--half", action="store_true", help="store the weights as float16 (half the size; loaded back as float32)"
+    )
     p.set_defaults(handler="cdcl.commands.export:run")
 
 
@@ -183,8 +235,11 @@ def add_predict(sub: Subparsers) -> None:
     _add_checkpoint(p)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
     _add_out(p)
-    p.add_argument("--formats", default="labels,geojson,csv,overlay",
-                   help="comma-separated subset of labels,labels-tiff,geojson,csv,overlay")
+    p.add_argument(
+        "--formats",
+        default="labels,geojson,csv,overlay",
+        help="comma-separated subset of labels,labels-tiff,geojson,csv,overlay",
+    )
     _add_device(p)
     p.set_defaults(handler="cdcl.commands.predict:run")
 
@@ -192,23 +247,51 @@ def add_predict(sub: Subparsers) -> None:
 def add_predict_wsi(sub: Subparsers) -> None:
     p = sub.add_parser("predict-wsi", help="nuclei of whole-slide images, streamed with bounded memory")
     _add_checkpoint(p)
-    p.add_argument("slides", nargs="+", metavar="SLIDE",
-                   help="slide files (SVS, TIFF, NDPI, MRXS, ...) or folders of them; re-running the same command "
-                   "skips the finished slides and resumes the interrupted one")
+    p.add_argument(
+        "slides",
+        nargs="+",
+        metavar="SLIDE",
+        help="slide files (SVS, TIFF, NDPI, MRXS, ...) or folders of them; re-running the same command "
+        "skips the finished slides and resumes the interrupted one",
+    )
     _add_out(p)
     _add_slide_mpp(p)
-    p.add_argument("--tile", type=checked(int, lambda n: n >= 64, "--tile must be at least 64 px, got {value}"),
-                   default=1024, metavar="PX", help="tile side, in pixels at the model's resolution")
-    p.add_argument("--halo", type=checked(int, lambda n: n >= 0, WSI_LIMITS), default=64, metavar="PX",
-                   help="context read around each tile (model pixels); must exceed the largest nucleus")
-    p.add_argument("--workers", type=checked(int, lambda n: n >= 0, WSI_LIMITS), default=None,
-                   help="processes post-processing tiles (nuclei, polygons, measurements), plus one reading tiles per "
-                   "4 of them; 0: all in one process (default: 0 on a CPU, 4/5 of the CPU cores with a GPU)")
+    p.add_argument(
+        "--tile",
+        type=checked(int, lambda n: n >= 64, "--tile must be at least 64 px, got {value}"),
+        default=1024,
+        metavar="PX",
+        help="tile side, in pixels at the model's resolution",
+    )
+    p.add_argument(
+        "--halo",
+        type=checked(int, lambda n: n >= 0, WSI_LIMITS),
+        default=64,
+        metavar="PX",
+        help="context read around each tile (model pixels); must exceed the largest nucleus",
+    )
+    p.add_argument(
+        "--workers",
+        type=checked(int, lambda n: n >= 0, WSI_LIMITS),
+        default=None,
+        help="processes post-processing tiles (nuclei, polygons, measurements), plus one reading tiles per "
+        "4 of them; 0: all in one process (default: 0 on a CPU, 4/5 of the CPU cores with a GPU)",
+    )
     _add_device(p, batch_size_limit=WSI_LIMITS)
     p.set_defaults(handler="cdcl.commands.predict_wsi:run")
 
 
-SUBCOMMANDS = (add_demo, add_data, add_tiles, add_split, add_train, add_evaluate, add_export, add_predict, add_predict_wsi)
+SUBCOMMANDS = (
+    add_demo,
+    add_data,
+    add_tiles,
+    add_split,
+    add_train,
+    add_evaluate,
+    add_export,
+    add_predict,
+    add_predict_wsi,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -126,16 +126,26 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     # Small encoder, light decoder, small crops: a MoNuSeg run converges in ~30 min on 2 CPU cores.
     "cpu-small": {
-        "model": {"encoder": "resnet18", "decoder_channels": [128, 64, 32], "feature_channels": 64,
-                  "head_channels": 32, "embed_dim": 64},
+        "model": {
+            "encoder": "resnet18",
+            "decoder_channels": [128, 64, 32],
+            "feature_channels": 64,
+            "head_channels": 32,
+            "embed_dim": 64,
+        },
         "augment": {"crop_size": 128},
         "data": {"batch_size": 8, "unlabeled_batch_size": 8},
         "infer": {"window": 256, "batch_size": 4},
     },
     # As published: ImageNet DenseNet-161, 320 crops, 256-channel features, 128-d embeddings (GPU).
     "paper": {
-        "model": {"encoder": "densenet161", "decoder_channels": [256, 256, 256], "feature_channels": 256,
-                  "head_channels": 64, "embed_dim": 128},
+        "model": {
+            "encoder": "densenet161",
+            "decoder_channels": [256, 256, 256],
+            "feature_channels": 256,
+            "head_channels": 64,
+            "embed_dim": 128,
+        },
         "augment": {"crop_size": 320},
         "data": {"batch_size": 8, "unlabeled_batch_size": 8},
         "infer": {"window": 320, "batch_size": 8},
@@ -289,10 +299,14 @@ def validate(config: Config) -> None:
         (m.warmup_iters >= 0 and m.bank_capacity >= 0, "method.warmup_iters and method.bank_capacity must be >= 0"),
         (o.name != "sgd" or o.momentum > 0, "optim.momentum must be > 0 with optim.name=sgd (Nesterov momentum)"),
         (m.name in METHODS, f"method.name must be one of {', '.join(METHODS)}, got '{m.name}'"),
-        (config.model.output_stride in OUTPUT_STRIDES,
-         f"model.output_stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got {config.model.output_stride}"),
-        (config.model.instances in REPRESENTATIONS,
-         f"model.instances must be one of {', '.join(REPRESENTATIONS)}, got '{config.model.instances}'"),
+        (
+            config.model.output_stride in OUTPUT_STRIDES,
+            f"model.output_stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got {config.model.output_stride}",
+        ),
+        (
+            config.model.instances in REPRESENTATIONS,
+            f"model.instances must be one of {', '.join(REPRESENTATIONS)}, got '{config.model.instances}'",
+        ),
         (m.w_distance >= 0, "method.w_distance must be >= 0"),
         (config.data.format in FORMATS, f"data.format '{config.data.format}' is not {spoken(FORMATS)}"),
         (0.0 <= m.threshold < 1.0, "method.threshold must be in [0, 1)"),

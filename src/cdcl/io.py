@@ -44,7 +44,9 @@ def collect_inputs(inputs: list[str], suffixes: tuple[str, ...], kind: str) -> l
     seen: dict[str, Path] = {}
     for path in found:
         if path.stem in seen:
-            raise CdclError(f"two inputs share the name '{path.stem}' ({seen[path.stem]}); their outputs would collide", path)
+            raise CdclError(
+                f"two inputs share the name '{path.stem}' ({seen[path.stem]}); their outputs would collide", path
+            )
         seen[path.stem] = path
     return found
 

@@ -15,5 +15,7 @@ def plausible_mpp(value: float) -> bool:
 def check_mpp(value: float, option: str) -> float:
     """``value`` when plausible; else a CdclError naming ``option`` (``--mpp``, ``--tile-mpp``) and the range."""
     if not plausible_mpp(value):
-        raise CdclError(f"{option} must be between {PLAUSIBLE_MPP[0]} and {PLAUSIBLE_MPP[1]} microns per pixel, got {value}")
+        raise CdclError(
+            f"{option} must be between {PLAUSIBLE_MPP[0]} and {PLAUSIBLE_MPP[1]} microns per pixel, got {value}"
+        )
     return value

@@ -13,7 +13,16 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from helpers.cli_cases import (TINY_ENCODER, World, assert_ok, assert_refused, copy_data, run_cdcl, stray_files, write_slide)
+from helpers.cli_cases import (
+    TINY_ENCODER,
+    World,
+    assert_ok,
+    assert_refused,
+    copy_data,
+    run_cdcl,
+    stray_files,
+    write_slide,
+)
 from cdcl.testing.slides import write_pyramid
 from PIL import Image
 from helpers.geojson import check_geojson
@@ -25,9 +34,8 @@ from cdcl.models import build_model
 FIRST = "synth_000"  # a labeled training item of the tiny split
 
 
-
-
 # ---- breaking things -----------------------------------------------------------------------------------------
+
 
 def image_of(data: Path, stem: str = FIRST) -> Path:
     return data / "images" / f"{stem}.png"
@@ -78,8 +86,10 @@ def to_monuseg(data: Path, xml_text: str | bytes) -> Path:
     return path
 
 
-VALID_XML = ('<Annotations><Annotation><Regions><Region Id="1"><Vertices><Vertex X="10" Y="10"/><Vertex X="30" Y="10"/>'
-             '<Vertex X="30" Y="30"/><Vertex X="10" Y="30"/></Vertices></Region></Regions></Annotation></Annotations>')
+VALID_XML = (
+    '<Annotations><Annotation><Regions><Region Id="1"><Vertices><Vertex X="10" Y="10"/><Vertex X="30" Y="10"/>'
+    '<Vertex X="30" Y="30"/><Vertex X="10" Y="30"/></Vertices></Region></Regions></Annotation></Annotations>'
+)
 
 
 def colour_mask(data: Path) -> None:
@@ -99,29 +109,55 @@ def empty_folders(data: Path) -> None:
 
 # Dataset breakages: description, how, and the strings the one-line message must contain. FIRST is labeled.
 DATA_BREAKS: dict[str, tuple[str, Callable[[Path], object], tuple[str, ...]]] = {
-    "truncated-image": ("PNG cut to 40% of its bytes", lambda d: truncate(image_of(d)),
-                        (f"{FIRST}.png", "not a readable image")),
+    "truncated-image": (
+        "PNG cut to 40% of its bytes",
+        lambda d: truncate(image_of(d)),
+        (f"{FIRST}.png", "not a readable image"),
+    ),
     "zero-byte-image": ("0-byte PNG", lambda d: image_of(d).write_bytes(b""), (f"{FIRST}.png", "empty file (0 bytes)")),
-    "text-as-png": ("text file named .png", lambda d: image_of(d).write_text("hello\n"),
-                    (f"{FIRST}.png", "not a readable image")),
-    "mask-wrong-size": ("50x60 mask for a 96x96 image",
-                        lambda d: Image.fromarray(np.ones((50, 60), np.uint8)).save(mask_of(d)),
-                        (f"masks/{FIRST}.png", "mask is 50x60 but its image is 96x96")),
-    "float-mask": ("float32 TIFF mask with value 0.5", lambda d: replace_mask(d, np.full((96, 96), 0.5, np.float32)),
-                   (f"{FIRST}.tif", "float mask with non-integral values")),
-    "negative-mask": ("int16 TIFF mask with value -3", lambda d: replace_mask(d, np.full((96, 96), -3, np.int16)),
-                      (f"{FIRST}.tif", "negative values")),
+    "text-as-png": (
+        "text file named .png",
+        lambda d: image_of(d).write_text("hello\n"),
+        (f"{FIRST}.png", "not a readable image"),
+    ),
+    "mask-wrong-size": (
+        "50x60 mask for a 96x96 image",
+        lambda d: Image.fromarray(np.ones((50, 60), np.uint8)).save(mask_of(d)),
+        (f"masks/{FIRST}.png", "mask is 50x60 but its image is 96x96"),
+    ),
+    "float-mask": (
+        "float32 TIFF mask with value 0.5",
+        lambda d: replace_mask(d, np.full((96, 96), 0.5, np.float32)),
+        (f"{FIRST}.tif", "float mask with non-integral values"),
+    ),
+    "negative-mask": (
+        "int16 TIFF mask with value -3",
+        lambda d: replace_mask(d, np.full((96, 96), -3, np.int16)),
+        (f"{FIRST}.tif", "negative values"),
+    ),
     "colour-mask": ("RGB mask whose channels differ", colour_mask, (f"{FIRST}.png", "colour mask")),
-    "duplicate-stems": (f"images/{FIRST}.png and images/{FIRST}.tif", duplicate_stem,
-                        (f"{FIRST}.tif", f"duplicate stem '{FIRST}'")),
-    "orphan-mask": ("mask without an image", lambda d: shutil.copy(mask_of(d), d / "masks" / "ghost.png"),
-                    ("ghost.png", "no image with stem 'ghost'")),
+    "duplicate-stems": (
+        f"images/{FIRST}.png and images/{FIRST}.tif",
+        duplicate_stem,
+        (f"{FIRST}.tif", f"duplicate stem '{FIRST}'"),
+    ),
+    "orphan-mask": (
+        "mask without an image",
+        lambda d: shutil.copy(mask_of(d), d / "masks" / "ghost.png"),
+        ("ghost.png", "no image with stem 'ghost'"),
+    ),
     "empty-folder": ("images/ and masks/ empty", empty_folders, ("images", "no images in this folder")),
-    "malformed-xml": ("Aperio XML cut mid-element", lambda d: to_monuseg(d, VALID_XML[:60]),
-                      (f"{FIRST}.xml", "malformed XML")),
+    "malformed-xml": (
+        "Aperio XML cut mid-element",
+        lambda d: to_monuseg(d, VALID_XML[:60]),
+        (f"{FIRST}.xml", "malformed XML"),
+    ),
     "empty-xml": ("0-byte Aperio XML", lambda d: to_monuseg(d, ""), (f"{FIRST}.xml", "empty XML file")),
-    "not-aperio-xml": ("XML with another root element", lambda d: to_monuseg(d, "<svg/>"),
-                       (f"{FIRST}.xml", "not an Aperio ImageScope XML")),
+    "not-aperio-xml": (
+        "XML with another root element",
+        lambda d: to_monuseg(d, "<svg/>"),
+        (f"{FIRST}.xml", "not an Aperio ImageScope XML"),
+    ),
 }
 XML_BREAKS = ("malformed-xml", "empty-xml", "not-aperio-xml")
 
@@ -144,11 +180,20 @@ def unwritable(tmp_path: Path) -> Path:
 
 CHECKPOINT_BREAKS = {
     "missing-checkpoint": ("checkpoint path that does not exist", "checkpoint not found"),
-    "corrupt-checkpoint": ("4 KiB of random bytes named .pt", "not a readable checkpoint: corrupt, truncated or another format"),
-    "truncated-checkpoint": ("checkpoint cut to half its bytes", "not a readable checkpoint: corrupt, truncated or another format"),
+    "corrupt-checkpoint": (
+        "4 KiB of random bytes named .pt",
+        "not a readable checkpoint: corrupt, truncated or another format",
+    ),
+    "truncated-checkpoint": (
+        "checkpoint cut to half its bytes",
+        "not a readable checkpoint: corrupt, truncated or another format",
+    ),
     "zero-byte-checkpoint": ("0-byte .pt file", "not a readable checkpoint: corrupt, truncated or another format"),
     "foreign-checkpoint": ("a plain torch.save'd state dict (no cdcl metadata)", "not a cdcl checkpoint"),
-    "other-architecture": ("cdcl checkpoint whose weights are of another encoder", "checkpoint weights do not match its model"),
+    "other-architecture": (
+        "cdcl checkpoint whose weights are of another encoder",
+        "checkpoint weights do not match its model",
+    ),
     "bad-metadata": ("cdcl checkpoint whose stored config has an unknown key", "checkpoint metadata is invalid"),
 }
 
@@ -166,8 +211,10 @@ def checkpoints(world, tmp_path_factory) -> dict[str, Path]:
     config = config_from_dict(payload["config"])
     config.model.encoder = "lcnet_050"  # another family, as small
     other = build_model(config.model).state_dict()
-    save_checkpoint(paths["other-architecture"], {**{k: v for k, v in payload.items() if k != "format"},
-                                                  "weights": {"student": other, "teacher": other}})
+    save_checkpoint(
+        paths["other-architecture"],
+        {**{k: v for k, v in payload.items() if k != "format"}, "weights": {"student": other, "teacher": other}},
+    )
     bad = {k: v for k, v in payload.items() if k != "format"}
     bad["config"] = {**payload["config"], "colour": "blue"}
     save_checkpoint(paths["bad-metadata"], bad)
@@ -175,6 +222,7 @@ def checkpoints(world, tmp_path_factory) -> dict[str, Path]:
 
 
 # ---- data check --------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("key", [k for k in DATA_BREAKS if k != "empty-folder"])
 def test_data_check_lists_the_problem(world, tmp_path, record, key):
@@ -197,11 +245,23 @@ def test_data_check_refuses_an_empty_dataset(world, tmp_path, record):
 
 @pytest.mark.parametrize("case", ["missing-root", "root-is-a-file", "no-images-folder"])
 def test_data_check_refuses_what_is_not_a_dataset(tmp_path, record, case):
-    root = {"missing-root": tmp_path / "nowhere", "root-is-a-file": tmp_path / "file.txt", "no-images-folder": tmp_path}[case]
+    root = {
+        "missing-root": tmp_path / "nowhere",
+        "root-is-a-file": tmp_path / "file.txt",
+        "no-images-folder": tmp_path,
+    }[case]
     (tmp_path / "file.txt").write_text("x")
     result = run_cdcl("data", "check", root, "--format", "folder")
-    record("data check", {"missing-root": "folder that does not exist", "root-is-a-file": "a file as the dataset folder",
-                          "no-images-folder": "folder without images/"}[case], result, "exit 2")
+    record(
+        "data check",
+        {
+            "missing-root": "folder that does not exist",
+            "root-is-a-file": "a file as the dataset folder",
+            "no-images-folder": "folder without images/",
+        }[case],
+        result,
+        "exit 2",
+    )
     assert_refused(result, str(root))
 
 
@@ -225,6 +285,7 @@ def test_data_check_json_to_an_unwritable_folder(world, tmp_path, record):
 
 # ---- split ---------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("key", ["zero-byte-image", "text-as-png", "duplicate-stems", "empty-folder"])
 def test_split_refuses(world, tmp_path, record, key):
     data, fmt, given, mentions = broken_data(world, tmp_path, key)
@@ -244,7 +305,13 @@ def test_split_reads_headers_only(world, tmp_path, record, case):
         truncate(image_of(data))
     out = tmp_path / "split"
     result = run_cdcl("split", data, "--format", "folder", "--labeled", "1/4", "--tile", "48", "--out", out)
-    record("split", given, result, "exit 0", outcome="accepted: split reads image headers only" if case == "truncated-image" else None)
+    record(
+        "split",
+        given,
+        result,
+        "exit 0",
+        outcome="accepted: split reads image headers only" if case == "truncated-image" else None,
+    )
     assert_ok(result)
     lines = {name: (out / f"{name}.txt").read_text().split() for name in ("labeled", "unlabeled", "val", "test")}
     assert [len(lines[k]) for k in lines] == [8, 20, 1, 2]  # 1/4 of (7 training + 1 val image) x 4 tiles; 1 val, 2 test
@@ -253,11 +320,21 @@ def test_split_reads_headers_only(world, tmp_path, record, case):
 SPLIT_ARGUMENTS = {
     # id: (description, arguments before --out, strings the message must name; None: --out below a file)
     "unwritable-out": ("--out below a regular file", ["--labeled", "1/4", "--format", "folder"], None),
-    "bad-fraction": ("--labeled 3/2", ["--labeled", "3/2", "--format", "folder"],
-                     ("fraction '3/2' must be greater than 0 and at most 1",)),
-    "unknown-format": ("--format svs", ["--labeled", "1/4", "--format", "svs"],
-                       ("argument --format: invalid choice: 'svs'",)),
-    "negative-seed": ("--seed -1", ["--labeled", "1/4", "--format", "folder", "--seed", "-1"], ("--seed must be 0 or more",)),
+    "bad-fraction": (
+        "--labeled 3/2",
+        ["--labeled", "3/2", "--format", "folder"],
+        ("fraction '3/2' must be greater than 0 and at most 1",),
+    ),
+    "unknown-format": (
+        "--format svs",
+        ["--labeled", "1/4", "--format", "svs"],
+        ("argument --format: invalid choice: 'svs'",),
+    ),
+    "negative-seed": (
+        "--seed -1",
+        ["--labeled", "1/4", "--format", "folder", "--seed", "-1"],
+        ("--seed must be 0 or more",),
+    ),
 }
 
 
@@ -277,13 +354,26 @@ def test_split_refuses_bad_arguments(world, tmp_path, record, case):
 
 # ---- train ---------------------------------------------------------------------------------------------------------
 
+
 def assert_no_checkpoint(run: Path) -> None:
     """A refused training run leaves no checkpoint and no temporary file (the resolved config may be there)."""
     assert not list(run.glob("*.pt")) and not stray_files(run), sorted(p.name for p in run.iterdir())
 
 
-@pytest.mark.parametrize("key", ["truncated-image", "zero-byte-image", "text-as-png", "mask-wrong-size", "float-mask",
-                                 "negative-mask", "duplicate-stems", "malformed-xml", "empty-xml"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "truncated-image",
+        "zero-byte-image",
+        "text-as-png",
+        "mask-wrong-size",
+        "float-mask",
+        "negative-mask",
+        "duplicate-stems",
+        "malformed-xml",
+        "empty-xml",
+    ],
+)
 def test_train_refuses_broken_data(world, tmp_path, record, key):
     data, fmt, given, mentions = broken_data(world, tmp_path, key)
     run = tmp_path / "run"
@@ -311,29 +401,80 @@ def split_with(tmp_path: Path, world: World, labeled: str) -> Path:
 
 CONFIG_CASES = {
     # id: (description, --set overrides, YAML file text or None, strings the message must name)
-    "unknown-key": ("--set train.iterashuns=3", ["train.iterashuns=3"], None,
-                    ("unknown config key 'train.iterashuns'",)),
-    "unknown-key-in-yaml": ("YAML with model.encodr", [], "model:\n  encodr: resnet18\n",
-                            ("bad.yaml", "unknown config key 'model.encodr'")),
-    "wrong-type": ("--set data.batch_size=two", ["data.batch_size=two"], None,
-                   ("config key 'data.batch_size': expected int, got 'two'",)),
-    "wrong-type-in-yaml": ("YAML with optim.lr: fast", [], "optim:\n  lr: fast\n",
-                           ("bad.yaml", "config key 'optim.lr': expected float")),
-    "section-not-mapping": ("YAML with optim: adam", [], "optim: adam\n", ("bad.yaml", "config key 'optim': expected a mapping")),
+    "unknown-key": (
+        "--set train.iterashuns=3",
+        ["train.iterashuns=3"],
+        None,
+        ("unknown config key 'train.iterashuns'",),
+    ),
+    "unknown-key-in-yaml": (
+        "YAML with model.encodr",
+        [],
+        "model:\n  encodr: resnet18\n",
+        ("bad.yaml", "unknown config key 'model.encodr'"),
+    ),
+    "wrong-type": (
+        "--set data.batch_size=two",
+        ["data.batch_size=two"],
+        None,
+        ("config key 'data.batch_size': expected int, got 'two'",),
+    ),
+    "wrong-type-in-yaml": (
+        "YAML with optim.lr: fast",
+        [],
+        "optim:\n  lr: fast\n",
+        ("bad.yaml", "config key 'optim.lr': expected float"),
+    ),
+    "section-not-mapping": (
+        "YAML with optim: adam",
+        [],
+        "optim: adam\n",
+        ("bad.yaml", "config key 'optim': expected a mapping"),
+    ),
     "invalid-yaml": ("YAML that does not parse", [], "train: [1,\n", ("bad.yaml", "invalid YAML")),
-    "bad-value": ("--set method.threshold=1.5", ["method.threshold=1.5"], None, ("method.threshold must be in [0, 1)",)),
-    "unknown-encoder": ("--set model.encoder=resnet19", ["model.encoder=resnet19"], None, ("unknown encoder 'resnet19'",)),
-    "missing-data-root": ("data.root that does not exist", ["data.root=/nonexistent/data"], None,
-                          ("data.root", "/nonexistent/data")),
+    "bad-value": (
+        "--set method.threshold=1.5",
+        ["method.threshold=1.5"],
+        None,
+        ("method.threshold must be in [0, 1)",),
+    ),
+    "unknown-encoder": (
+        "--set model.encoder=resnet19",
+        ["model.encoder=resnet19"],
+        None,
+        ("unknown encoder 'resnet19'",),
+    ),
+    "missing-data-root": (
+        "data.root that does not exist",
+        ["data.root=/nonexistent/data"],
+        None,
+        ("data.root", "/nonexistent/data"),
+    ),
     "empty-data-root": ("data.root left empty", ["data.root="], None, ("data.root", "not set")),
-    "missing-split-dir": ("data.split_dir that does not exist", ["data.split_dir=/nonexistent/split"], None,
-                          ("data.split_dir", "/nonexistent/split")),
-    "missing-pretrained": ("model.pretrained naming a missing file", ["model.pretrained=/nonexistent/w.pth"], None,
-                           ("model.pretrained", "/nonexistent/w.pth")),
-    "pretrained-not-weights": ("model.pretrained naming a text file", ["model.pretrained=@TEXT"], None,
-                               ("model.pretrained", "notes.txt")),
-    "pretrained-download-offline": ("model.pretrained=true with no network", ["model.pretrained=true"], None,
-                                    ("model.pretrained", TINY_ENCODER, "Hugging Face hub")),
+    "missing-split-dir": (
+        "data.split_dir that does not exist",
+        ["data.split_dir=/nonexistent/split"],
+        None,
+        ("data.split_dir", "/nonexistent/split"),
+    ),
+    "missing-pretrained": (
+        "model.pretrained naming a missing file",
+        ["model.pretrained=/nonexistent/w.pth"],
+        None,
+        ("model.pretrained", "/nonexistent/w.pth"),
+    ),
+    "pretrained-not-weights": (
+        "model.pretrained naming a text file",
+        ["model.pretrained=@TEXT"],
+        None,
+        ("model.pretrained", "notes.txt"),
+    ),
+    "pretrained-download-offline": (
+        "model.pretrained=true with no network",
+        ["model.pretrained=true"],
+        None,
+        ("model.pretrained", TINY_ENCODER, "Hugging Face hub"),
+    ),
 }
 
 
@@ -357,22 +498,35 @@ def test_train_refuses_bad_lists_and_paths(world, tmp_path, record, case):
     data, split, run, config = world.data, world.split, tmp_path / "run", world.config
     if case == "missing-item":
         split = split_with(tmp_path, world, f"{FIRST}\nghost\n")
-        given, mentions = "labeled.txt naming an item not in the dataset", ("labeled.txt", "line 2: unknown item 'ghost'")
+        given, mentions = (
+            "labeled.txt naming an item not in the dataset",
+            ("labeled.txt", "line 2: unknown item 'ghost'"),
+        )
     elif case == "unlabeled-item":
         data = copy_data(world, tmp_path / "data")
         mask_of(data).unlink()
         given, mentions = "labeled.txt naming an item without a mask", ("labeled.txt", f"item '{FIRST}' has no mask")
     elif case == "missing-config":
-        config, given, mentions = tmp_path / "nope.yaml", "--config that does not exist", ("nope.yaml", "config file not found")
+        config, given, mentions = (
+            tmp_path / "nope.yaml",
+            "--config that does not exist",
+            ("nope.yaml", "config file not found"),
+        )
     else:
-        run, given, mentions = unwritable(tmp_path), "--out below a regular file", ("file.txt/out", "cannot create output folder")
+        run, given, mentions = (
+            unwritable(tmp_path),
+            "--out below a regular file",
+            ("file.txt/out", "cannot create output folder"),
+        )
     result = run_cdcl(*world.train_args(run, data=data, split=split, config=config))
     record("train", given, result, "exit 2")
     assert_refused(result, *mentions, out=run)
 
 
-@pytest.mark.parametrize("key", ["corrupt-checkpoint", "truncated-checkpoint", "zero-byte-checkpoint", "foreign-checkpoint",
-                                 "other-architecture"])
+@pytest.mark.parametrize(
+    "key",
+    ["corrupt-checkpoint", "truncated-checkpoint", "zero-byte-checkpoint", "foreign-checkpoint", "other-architecture"],
+)
 def test_train_resume_refuses_a_bad_last_checkpoint(world, checkpoints, tmp_path, record, key):
     run = tmp_path / "run"
     run.mkdir()
@@ -380,7 +534,11 @@ def test_train_resume_refuses_a_bad_last_checkpoint(world, checkpoints, tmp_path
     before = (run / "last.pt").read_bytes()
     result = run_cdcl(*world.train_args(run))
     record("train", f"resume from last.pt = {CHECKPOINT_BREAKS[key][0]}", result, "exit 2")
-    mention = "cannot resume: checkpoint does not match this run" if key == "other-architecture" else CHECKPOINT_BREAKS[key][1]
+    mention = (
+        "cannot resume: checkpoint does not match this run"
+        if key == "other-architecture"
+        else CHECKPOINT_BREAKS[key][1]
+    )
     assert_refused(result, "last.pt", mention)
     assert (run / "last.pt").read_bytes() == before  # the user's file is left alone
     assert sorted(p.name for p in run.iterdir()) == ["last.pt"]
@@ -407,9 +565,22 @@ def test_train_accepts_every_image_mode(world, tmp_path, record):
 
 # ---- evaluate ------------------------------------------------------------------------------------------------------
 
+
 def evaluate_args(checkpoint: Path, data: Path, out: Path, fmt: str = "folder", *extra: str) -> list[str]:
-    return ["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--format", fmt, "--out", str(out),
-            "--device", "cpu", *extra]
+    return [
+        "evaluate",
+        "--checkpoint",
+        str(checkpoint),
+        "--data",
+        str(data),
+        "--format",
+        fmt,
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("key", list(CHECKPOINT_BREAKS))
@@ -420,8 +591,19 @@ def test_evaluate_refuses_bad_checkpoint(world, checkpoints, tmp_path, record, k
     assert_refused(result, f"{key}.pt", CHECKPOINT_BREAKS[key][1], out=out)
 
 
-@pytest.mark.parametrize("key", ["truncated-image", "zero-byte-image", "mask-wrong-size", "float-mask", "negative-mask",
-                                 "malformed-xml", "empty-xml", "not-aperio-xml"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "truncated-image",
+        "zero-byte-image",
+        "mask-wrong-size",
+        "float-mask",
+        "negative-mask",
+        "malformed-xml",
+        "empty-xml",
+        "not-aperio-xml",
+    ],
+)
 def test_evaluate_refuses_broken_data(world, tmp_path, record, key):
     data, fmt, given, mentions = broken_data(world, tmp_path, key)
     out = tmp_path / "out"
@@ -443,9 +625,16 @@ def test_evaluate_refuses_bad_lists_and_outputs(world, tmp_path, record, case):
         given, mentions = "--split naming an item without a mask", (f"{FIRST}.png", f"item '{FIRST}' has no mask")
     elif case == "path-in-split":
         split.write_text(f"images/{FIRST}.png\n")
-        given, mentions = "--split naming a file path instead of an item", ("list.txt", f"unknown item 'images/{FIRST}.png'")
+        given, mentions = (
+            "--split naming a file path instead of an item",
+            ("list.txt", f"unknown item 'images/{FIRST}.png'"),
+        )
     else:
-        out, given, mentions = unwritable(tmp_path), "--out below a regular file", ("file.txt/out", "cannot create output folder")
+        out, given, mentions = (
+            unwritable(tmp_path),
+            "--out below a regular file",
+            ("file.txt/out", "cannot create output folder"),
+        )
     result = run_cdcl(*evaluate_args(world.checkpoint, data, out, "folder", "--split", str(split)))
     record("evaluate", given, result, "exit 2")
     assert_refused(result, *mentions, out=out)
@@ -463,6 +652,7 @@ def test_evaluate_accepts_every_image_mode(world, tmp_path, record):
 
 
 # ---- predict -------------------------------------------------------------------------------------------------------
+
 
 def predict_args(checkpoint: Path, out: Path, *inputs: Path) -> list[str]:
     return ["predict", "--checkpoint", str(checkpoint), *map(str, inputs), "--out", str(out), "--device", "cpu"]
@@ -485,10 +675,20 @@ def test_predict_keeps_complete_outputs_of_earlier_images(world, tmp_path, recor
     (folder / "b_bad.png").write_bytes(image_of(world.data).read_bytes()[:500])
     out = tmp_path / "out"
     result = run_cdcl(*predict_args(world.checkpoint, out, folder))
-    record("predict", "folder: a good image, then a truncated one", result, "exit 2",
-           outcome="refused; the good image's outputs are kept, complete")
+    record(
+        "predict",
+        "folder: a good image, then a truncated one",
+        result,
+        "exit 2",
+        outcome="refused; the good image's outputs are kept, complete",
+    )
     assert_refused(result, "b_bad.png", "not a readable image")
-    assert sorted(p.name for p in out.iterdir()) == ["a_good.geojson", "a_good_labels.png", "a_good_nuclei.csv", "a_good_overlay.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a_good.geojson",
+        "a_good_labels.png",
+        "a_good_nuclei.csv",
+        "a_good_overlay.png",
+    ]
     check_geojson(out / "a_good.geojson")
 
 
@@ -505,9 +705,17 @@ def test_predict_refuses_bad_arguments(world, tmp_path, record, case):
         Image.open(folder / "a.png").save(folder / "a.tif")
         given, mentions = "a.png and a.tif in one folder", ("a.tif", "two inputs share the name 'a'")
     elif case == "missing-input":
-        inputs, given, mentions = [tmp_path / "nope.png"], "an input that does not exist", ("nope.png", "no such file or folder")
+        inputs, given, mentions = (
+            [tmp_path / "nope.png"],
+            "an input that does not exist",
+            ("nope.png", "no such file or folder"),
+        )
     elif case == "unwritable-out":
-        out, given, mentions = unwritable(tmp_path), "--out below a regular file", ("file.txt/out", "cannot create output folder")
+        out, given, mentions = (
+            unwritable(tmp_path),
+            "--out below a regular file",
+            ("file.txt/out", "cannot create output folder"),
+        )
     else:
         extra, given, mentions = ["--formats", "labels,svg"], "--formats labels,svg", ("unknown --formats svg",)
     result = run_cdcl(*predict_args(world.checkpoint, out, *inputs), *extra)
@@ -539,9 +747,22 @@ def test_predict_accepts_every_image_mode(world, tmp_path, record):
 
 # ---- predict-wsi ---------------------------------------------------------------------------------------------------
 
+
 def wsi_args(checkpoint: Path, slide: Path, out: Path) -> list[str]:
-    return ["predict-wsi", "--checkpoint", str(checkpoint), str(slide), "--out", str(out), "--tile", "256",
-            "--workers", "0", "--device", "cpu"]
+    return [
+        "predict-wsi",
+        "--checkpoint",
+        str(checkpoint),
+        str(slide),
+        "--out",
+        str(out),
+        "--tile",
+        "256",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
 
 
 SLIDE_CASES = {
@@ -550,13 +771,18 @@ SLIDE_CASES = {
     "png-as-slide": ("a PNG tile renamed .svs", ("slide.svs", "cannot read slide")),
     "truncated-slide": ("pyramidal TIFF cut to 60% of its bytes", ("slide.tif", "of the slide: damaged file?")),
     "no-mpp": ("pyramidal TIFF without resolution, no --mpp", ("slide.tif", "pass --mpp")),
-    "72-dpi-slide": ("pyramidal TIFF whose resolution tags say 72 dpi (352.8 um/px)", ("slide.tif", "implausible resolution")),
+    "72-dpi-slide": (
+        "pyramidal TIFF whose resolution tags say 72 dpi (352.8 um/px)",
+        ("slide.tif", "implausible resolution"),
+    ),
     "too-coarse-slide": ("pyramidal TIFF at 4 um/px for a model trained at 0.5", ("slide.tif", "more than 4x coarser")),
     "infinite-mpp": ("--mpp inf", ("--mpp must be between",)),
     "blank-slide": ("all-white pyramidal TIFF", ("slide.tif", "no tissue found")),
     "missing-slide": ("slide path that does not exist", ("slide.tif", "no such file or folder")),
-    "damaged-tile": ("pyramidal TIFF with one level-0 tile's compressed bytes overwritten",
-                     ("slide.tif", "of the slide: damaged file?")),
+    "damaged-tile": (
+        "pyramidal TIFF with one level-0 tile's compressed bytes overwritten",
+        ("slide.tif", "of the slide: damaged file?"),
+    ),
 }
 
 
@@ -602,13 +828,20 @@ def test_predict_wsi_refuses_what_is_not_a_usable_slide(world, half_micron_check
     assert_refused(result, *mentions, out=out)
 
 
-def test_predict_wsi_refuses_a_folder_with_one_bad_slide_before_predicting_any(world, half_micron_checkpoint, tmp_path, record):
+def test_predict_wsi_refuses_a_folder_with_one_bad_slide_before_predicting_any(
+    world, half_micron_checkpoint, tmp_path, record
+):
     folder, out = tmp_path / "slides", tmp_path / "out"
     folder.mkdir()
     write_slide(folder / "a.tif")
     (folder / "b.svs").write_text("not a slide\n")
     result = run_cdcl(*wsi_args(half_micron_checkpoint, folder, out))
-    record("predict-wsi", "a folder of two slides, the second a text file named .svs", result, "exit 2, the good slide not predicted")
+    record(
+        "predict-wsi",
+        "a folder of two slides, the second a text file named .svs",
+        result,
+        "exit 2, the good slide not predicted",
+    )
     assert_refused(result, "b.svs", "cannot read slide", out=out)
 
 
@@ -631,7 +864,9 @@ def damage_a_tile(slide: Path) -> None:
         fh.write(bytes(range(256)) * (count // 256) + bytes(count % 256))
 
 
-@pytest.mark.parametrize("key", ["corrupt-checkpoint", "truncated-checkpoint", "foreign-checkpoint", "other-architecture"])
+@pytest.mark.parametrize(
+    "key", ["corrupt-checkpoint", "truncated-checkpoint", "foreign-checkpoint", "other-architecture"]
+)
 def test_predict_wsi_refuses_bad_checkpoint(world, checkpoints, tmp_path, record, key):
     slide = write_slide(tmp_path / "slide.tif")
     out = tmp_path / "out"
@@ -653,7 +888,12 @@ def test_predict_wsi_writes_complete_outputs(world, tmp_path, record):
     result = run_cdcl(*wsi_args(world.checkpoint, slide, out))
     record("predict-wsi", "512x768 pyramidal TIFF of synthetic tissue", result, "exit 0")
     assert_ok(result)
-    assert sorted(p.name for p in out.iterdir()) == ["slide.geojson", "slide_nuclei.csv", "slide_overlay.png", "slide_summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "slide.geojson",
+        "slide_nuclei.csv",
+        "slide_overlay.png",
+        "slide_summary.json",
+    ]
     summary = json.loads((out / "slide_summary.json").read_text())
     assert len(check_geojson(out / "slide.geojson")["features"]) == summary["nuclei"]
 
@@ -663,8 +903,11 @@ def test_predict_wsi_writes_complete_outputs(world, tmp_path, record):
 TILES_CASES = {
     "blank-slide": ("all-white pyramidal TIFF", [], ("slide.tif", "no tissue found")),
     "no-mpp": ("pyramidal TIFF without resolution, --tile-mpp 0.5", ["--tile-mpp", "0.5"], ("slide.tif", "pass --mpp")),
-    "too-little-tissue": ("--size 512 --min-tissue 0.99 on a 512x768 slide with a 32 px margin",
-                          ["--size", "512", "--min-tissue", "0.99"], ("slide.tif", "no tile of 512 px is at least 99% tissue")),
+    "too-little-tissue": (
+        "--size 512 --min-tissue 0.99 on a 512x768 slide with a 32 px margin",
+        ["--size", "512", "--min-tissue", "0.99"],
+        ("slide.tif", "no tile of 512 px is at least 99% tissue"),
+    ),
     "tiny-size": ("--size 16", ["--size", "16"], ("--size must be at least 32 px",)),
     "text-as-slide": ("text file named .svs", [], ("slide.svs", "cannot read slide")),
     "missing-slide": ("slide path that does not exist", [], ("slide.tif", "no such file or folder")),

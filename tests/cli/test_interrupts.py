@@ -21,15 +21,14 @@ ITERATIONS = 8
 SLIDE_OUTPUTS = ("slide.geojson", "slide_nuclei.csv", "slide_overlay.png", "slide_summary.json")
 
 
-
-
 def train_args(world: World, run: Path) -> list[str]:
     """CDCL (every loss term and the memory bank), a checkpoint every 2 of 8 iterations."""
     return world.train_args(run, "method.threshold=0.0", "train.val_every=2", method="cdcl", iterations=ITERATIONS)
 
 
-def wait_until(running: Running, condition: Callable[[], bool], timeout: float,
-               invariant: Callable[[], None] = lambda: None) -> bool:
+def wait_until(
+    running: Running, condition: Callable[[], bool], timeout: float, invariant: Callable[[], None] = lambda: None
+) -> bool:
     """Poll every millisecond: True once ``condition()`` holds, False if the process ends or time runs out;
     ``invariant()`` (assertions that must hold all along) is checked at every poll."""
     deadline = time.monotonic() + timeout
@@ -83,9 +82,13 @@ def progress(run: Path) -> int:
 
 # A kill as soon as a checkpoint's temporary file appears lands mid-write (torch.save + fsync); a random kill
 # comes once a random iteration (before the last) is logged, plus up to 50 ms.
-KILLS = [("best.pt", "SIGKILL while best.pt is being written"), ("last.pt", "SIGKILL while last.pt is being written"),
-         ("random", "SIGKILL at a random moment"), ("last.pt", "SIGKILL while last.pt is being written, again"),
-         ("random", "SIGKILL at a random moment")]
+KILLS = [
+    ("best.pt", "SIGKILL while best.pt is being written"),
+    ("last.pt", "SIGKILL while last.pt is being written"),
+    ("random", "SIGKILL at a random moment"),
+    ("last.pt", "SIGKILL while last.pt is being written, again"),
+    ("random", "SIGKILL at a random moment"),
+]
 
 
 def test_train_killed_at_any_moment_resumes_to_the_same_weights(world, reference, tmp_path, record):
@@ -106,8 +109,9 @@ def test_train_killed_at_any_moment_resumes_to_the_same_weights(world, reference
         during_write = moment != "random" and bool(temporaries(run, moment))
         mid_write += during_write
         steps = checkpoint_state(run)
-        outcome = (f"killed{' mid-write' if during_write else ''}; last.pt " +
-                   ("absent (no checkpoint yet)" if steps["last.pt"] is None else f"loads (iteration {steps['last.pt']})"))
+        outcome = f"killed{' mid-write' if during_write else ''}; last.pt " + (
+            "absent (no checkpoint yet)" if steps["last.pt"] is None else f"loads (iteration {steps['last.pt']})"
+        )
         record("train", given, result, "killed; last.pt readable", message="(killed by SIGKILL)", outcome=outcome)
         assert result.rc == -9, result.stderr[-2000:]
     assert mid_write >= 2, "no kill landed during a checkpoint write"
@@ -118,11 +122,20 @@ def test_train_killed_at_any_moment_resumes_to_the_same_weights(world, reference
     final = run_cdcl(*train_args(world, run))
     assert_ok(final)
     resumed = load_checkpoint(run / "last.pt")
-    same = all(torch.equal(value, resumed["weights"][which][key])
-               for which in ("student", "teacher") for key, value in reference["weights"][which].items())
-    record("train", "re-run of the same command after the kills (metrics.jsonl ending in half a line)", final,
-           "exit 0, same weights", outcome="resumed; weights and loss log identical to an uninterrupted run" if same
-           else "resumed; WEIGHTS DIFFER")
+    same = all(
+        torch.equal(value, resumed["weights"][which][key])
+        for which in ("student", "teacher")
+        for key, value in reference["weights"][which].items()
+    )
+    record(
+        "train",
+        "re-run of the same command after the kills (metrics.jsonl ending in half a line)",
+        final,
+        "exit 0, same weights",
+        outcome="resumed; weights and loss log identical to an uninterrupted run"
+        if same
+        else "resumed; WEIGHTS DIFFER",
+    )
     assert resumed["step"] == ITERATIONS and resumed["complete"]
     assert same, "resumed weights differ from the uninterrupted run"
     assert losses(run) == reference["log"]
@@ -131,9 +144,24 @@ def test_train_killed_at_any_moment_resumes_to_the_same_weights(world, reference
 
 # ---- predict-wsi -----------------------------------------------------------------------------------------------
 
+
 def wsi_args(world: World, slide: Path, out: Path, workers: int = 1) -> list[str]:
-    return ["predict-wsi", "--checkpoint", str(world.checkpoint), str(slide), "--out", str(out), "--tile", "256",
-            "--halo", "32", "--workers", str(workers), "--device", "cpu"]
+    return [
+        "predict-wsi",
+        "--checkpoint",
+        str(world.checkpoint),
+        str(slide),
+        "--out",
+        str(out),
+        "--tile",
+        "256",
+        "--halo",
+        "32",
+        "--workers",
+        str(workers),
+        "--device",
+        "cpu",
+    ]
 
 
 def journal_lines(out: Path) -> int:
@@ -156,8 +184,10 @@ def test_predict_wsi_killed_mid_run_resumes_to_the_same_files(world, tmp_path, r
     assert_ok(run_cdcl(*wsi_args(world, slide, reference, workers=0)))  # same files whatever the worker count
 
     out = tmp_path / "out"
-    kills = [(lambda: journal_lines(out) >= 3, "SIGKILL after 3 tiles"),
-             (lambda: bool(temporaries(out, "slide.geojson")), "SIGKILL while the GeoJSON is written")]
+    kills = [
+        (lambda: journal_lines(out) >= 3, "SIGKILL after 3 tiles"),
+        (lambda: bool(temporaries(out, "slide.geojson")), "SIGKILL while the GeoJSON is written"),
+    ]
     killed = []
     for condition, given in kills:
         running = start_cdcl(*wsi_args(world, slide, out))
@@ -166,19 +196,32 @@ def test_predict_wsi_killed_mid_run_resumes_to_the_same_files(world, tmp_path, r
         result = running.wait()
         assert_final_files_complete(out)
         finals = sorted(p.name for p in out.iterdir() if p.name in SLIDE_OUTPUTS)
-        record("predict-wsi", given, result, "killed; no truncated output", message="(killed by SIGKILL)",
-               outcome=f"killed; {journal_lines(out)} tiles journalled; final files present: {', '.join(finals) or 'none'} (complete)")
+        record(
+            "predict-wsi",
+            given,
+            result,
+            "killed; no truncated output",
+            message="(killed by SIGKILL)",
+            outcome=f"killed; {journal_lines(out)} tiles journalled; final files present: {', '.join(finals) or 'none'} (complete)",
+        )
         assert result.rc in (-9, 0)  # 0: it finished before the kill (the GeoJSON write can be quicker than a poll)
         killed.append(result.rc == -9)
 
     final = run_cdcl(*wsi_args(world, slide, out))
     assert_ok(final)
     assert not remove_orphaned_blocks(), "blocks of the killed runs were left in /dev/shm"  # the final run removed them
-    same = all((out / name).read_bytes() == (reference / name).read_bytes() for name in ("slide.geojson", "slide_nuclei.csv"))
+    same = all(
+        (out / name).read_bytes() == (reference / name).read_bytes() for name in ("slide.geojson", "slide_nuclei.csv")
+    )
     summary = json.loads((out / "slide_summary.json").read_text())
-    record("predict-wsi", "re-run of the same command after the kills", final, "exit 0, same files",
-           outcome=f"resumed {summary['tiles']['resumed']} of {summary['tiles']['tissue']} tiles; GeoJSON and CSV "
-                   + ("identical to an uninterrupted run" if same else "DIFFER"))
+    record(
+        "predict-wsi",
+        "re-run of the same command after the kills",
+        final,
+        "exit 0, same files",
+        outcome=f"resumed {summary['tiles']['resumed']} of {summary['tiles']['tissue']} tiles; GeoJSON and CSV "
+        + ("identical to an uninterrupted run" if same else "DIFFER"),
+    )
     assert same
     assert killed[0], "the first kill came after the run had finished"
     if killed[1]:  # the second run had journalled every tile before it was killed in the final write

@@ -19,7 +19,10 @@ from cdcl.cli import main
 @pytest.fixture
 def stand_in(monkeypatch) -> None:
     """`load_predictor` returns the stand-in (dark pixels are nuclei) whatever the checkpoint path."""
-    monkeypatch.setattr("cdcl.commands.predict.load_predictor", lambda path, device, batch_size: stand_in_predictor(batch_size=batch_size or 4))
+    monkeypatch.setattr(
+        "cdcl.commands.predict.load_predictor",
+        lambda path, device, batch_size: stand_in_predictor(batch_size=batch_size or 4),
+    )
 
 
 @pytest.fixture
@@ -40,17 +43,34 @@ def inputs(tmp_path, shared_data):
 def test_predict_writes_every_format_per_image(tmp_path, inputs, stand_in, caplog) -> None:
     out = tmp_path / "out"
     with caplog.at_level(logging.WARNING):
-        code = main(["predict", "--checkpoint", "model.pt", str(inputs), "--out", str(out), "--formats", "labels,labels-tiff,geojson,csv,overlay"])
+        code = main(
+            [
+                "predict",
+                "--checkpoint",
+                "model.pt",
+                str(inputs),
+                "--out",
+                str(out),
+                "--formats",
+                "labels,labels-tiff,geojson,csv,overlay",
+            ]
+        )
     assert code == 0
     assert "notes.txt" in caplog.text  # skipped with a warning
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{stem}{suffix}" for stem in ("discs", "tissue") for suffix in ("_labels.png", "_labels.tif", ".geojson", "_nuclei.csv", "_overlay.png")
+        f"{stem}{suffix}"
+        for stem in ("discs", "tissue")
+        for suffix in ("_labels.png", "_labels.tif", ".geojson", "_nuclei.csv", "_overlay.png")
     )
     labels = np.asarray(Image.open(out / "discs_labels.png"))
     assert labels.shape == (150, 200) and len(np.unique(labels[labels > 0])) == 3
     with open(out / "discs_nuclei.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert sorted((float(r["centroid_x"]), float(r["centroid_y"])) for r in rows) == [(40.5, 30.5), (50.5, 120.5), (120.5, 80.5)]
+    assert sorted((float(r["centroid_x"]), float(r["centroid_y"])) for r in rows) == [
+        (40.5, 30.5),
+        (50.5, 120.5),
+        (120.5, 80.5),
+    ]
     assert all(float(r["area"]) == len(disk((50, 50), 10)[0]) for r in rows)
     for stem in ("discs", "tissue"):
         features = check_geojson(out / f"{stem}.geojson")["features"]
@@ -62,7 +82,23 @@ def test_predict_writes_every_format_per_image(tmp_path, inputs, stand_in, caplo
 
 def test_formats_subset_and_single_files(tmp_path, inputs, stand_in) -> None:
     out = tmp_path / "out"
-    assert main(["predict", "--checkpoint", "m.pt", str(inputs / "discs.tif"), "--out", str(out), "--formats", "csv", "--batch-size", "2"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                "m.pt",
+                str(inputs / "discs.tif"),
+                "--out",
+                str(out),
+                "--formats",
+                "csv",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert [p.name for p in out.iterdir()] == ["discs_nuclei.csv"]
 
 

@@ -82,13 +82,21 @@ HOSTILE = {
     "empty": ("", "empty XML file"),
     "blank": ("   \n", "malformed XML"),
     "not aperio": ("<svg><path/></svg>", "not an Aperio ImageScope XML file"),
-    "no coordinates": ('<Annotations><Region><Vertices><Vertex X="1"/></Vertices></Region></Annotations>',
-                       "Region 1: a Vertex without numeric X and Y"),
-    "xxe": ('<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x SYSTEM "file://{secret}">]>'
-            '<Annotations><Region Id="&x;"/></Annotations>', "refused XML with a DTD"),
-    "billion laughs": ('<?xml version="1.0"?><!DOCTYPE a [<!ENTITY a "ha">'
-                       + "".join(f'<!ENTITY {chr(98 + i)} "{("&" + chr(97 + i) + ";") * 10}">' for i in range(9))
-                       + ']><Annotations><Region Id="&j;"/></Annotations>', "refused XML with a DTD"),
+    "no coordinates": (
+        '<Annotations><Region><Vertices><Vertex X="1"/></Vertices></Region></Annotations>',
+        "Region 1: a Vertex without numeric X and Y",
+    ),
+    "xxe": (
+        '<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x SYSTEM "file://{secret}">]>'
+        '<Annotations><Region Id="&x;"/></Annotations>',
+        "refused XML with a DTD",
+    ),
+    "billion laughs": (
+        '<?xml version="1.0"?><!DOCTYPE a [<!ENTITY a "ha">'
+        + "".join(f'<!ENTITY {chr(98 + i)} "{("&" + chr(97 + i) + ";") * 10}">' for i in range(9))
+        + ']><Annotations><Region Id="&j;"/></Annotations>',
+        "refused XML with a DTD",
+    ),
 }
 
 

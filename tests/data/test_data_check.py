@@ -72,10 +72,13 @@ def test_every_problem_is_listed(tmp_path, capsys):
     assert lines[-2] == f"  {report['problems'][-1]}"
 
 
-@pytest.mark.parametrize("argv_tail, message", [
-    (["--format", "dsb2018"], "no <id>/images/<id>.png folders found"),
-    (["--format", "folder"], "no images/ folder"),
-])
+@pytest.mark.parametrize(
+    "argv_tail, message",
+    [
+        (["--format", "dsb2018"], "no <id>/images/<id>.png folders found"),
+        (["--format", "folder"], "no images/ folder"),
+    ],
+)
 def test_unusable_dataset_is_one_line_and_exit_2(tmp_path, capsys, argv_tail, message):
     assert main(["data", "check", str(tmp_path), *argv_tail]) == 2
     err = capsys.readouterr().err.strip()

@@ -24,8 +24,15 @@ def _save(path: Path, array: np.ndarray, **kwargs) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name, kwargs", [("a.png", {}), ("a.bmp", {}), ("lzw.tif", {"compression": "tiff_lzw"}),
-                                          ("packbits.tif", {"compression": "packbits"})])
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("a.png", {}),
+        ("a.bmp", {}),
+        ("lzw.tif", {"compression": "tiff_lzw"}),
+        ("packbits.tif", {"compression": "packbits"}),
+    ],
+)
 def test_lossless_rgb_round_trip(tmp_path, name, kwargs):
     out = read_image(_save(tmp_path / name, RGB, **kwargs))
     assert out.dtype == np.uint8 and out.flags.c_contiguous
@@ -91,8 +98,9 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "zero bytes", "text named .png", "truncated png", "truncated jpeg",
-                                  "truncated tiff"])
+@pytest.mark.parametrize(
+    "case", ["missing", "zero bytes", "text named .png", "truncated png", "truncated jpeg", "truncated tiff"]
+)
 @pytest.mark.parametrize("reader", [read_image, read_label_image])
 def test_bad_files_name_the_file_and_the_problem(tmp_path, case, reader):
     path, problem = _bad_files(tmp_path)[case]
@@ -170,13 +178,18 @@ def test_binary_mask_becomes_4_connected_components(tmp_path):
     assert not read_label_image(_save(tmp_path / "z.png", np.zeros((3, 3), np.uint8))).any()
 
 
-@pytest.mark.parametrize("values, problem", [
-    (np.array([[0.0, 1.5], [2.0, 0.0]], np.float32), "non-integral"),
-    (np.array([[0.0, np.nan], [2.0, 0.0]], np.float32), "non-integral"),
-    (np.array([[0, -1], [2, 0]], np.int32), "negative values"),
-    (np.dstack([INSTANCES.astype(np.uint8), INSTANCES.astype(np.uint8) // 2, INSTANCES.astype(np.uint8)]),
-     "channels differ"),
-])
+@pytest.mark.parametrize(
+    "values, problem",
+    [
+        (np.array([[0.0, 1.5], [2.0, 0.0]], np.float32), "non-integral"),
+        (np.array([[0.0, np.nan], [2.0, 0.0]], np.float32), "non-integral"),
+        (np.array([[0, -1], [2, 0]], np.int32), "negative values"),
+        (
+            np.dstack([INSTANCES.astype(np.uint8), INSTANCES.astype(np.uint8) // 2, INSTANCES.astype(np.uint8)]),
+            "channels differ",
+        ),
+    ],
+)
 def test_invalid_masks_are_refused(tmp_path, values, problem):
     tifffile.imwrite(tmp_path / "m.tif", values)
     with pytest.raises(CdclError, match=problem) as err:

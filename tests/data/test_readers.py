@@ -83,14 +83,17 @@ def test_tile_names_resolve_to_crops(tmp_path):
     assert ds.item("c[0:8,0:10]").instances is None
 
 
-@pytest.mark.parametrize("name, problem", [
-    ("zz", "unknown item 'zz'"),
-    ("../../etc/passwd", "unknown item '../../etc/passwd'"),
-    ("/etc/passwd", "unknown item '/etc/passwd'"),
-    ("a[0:8,0:10][0:2,0:2]", "unknown item"),
-    ("a[0:9,0:10]", "lies outside the 8x10 image"),
-    ("a[4:4,0:10]", "is empty"),
-])
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("zz", "unknown item 'zz'"),
+        ("../../etc/passwd", "unknown item '../../etc/passwd'"),
+        ("/etc/passwd", "unknown item '/etc/passwd'"),
+        ("a[0:8,0:10][0:2,0:2]", "unknown item"),
+        ("a[0:9,0:10]", "lies outside the 8x10 image"),
+        ("a[4:4,0:10]", "is empty"),
+    ],
+)
 def test_bad_item_names_are_refused(tmp_path, name, problem):
     ds = load_dataset(_folder(tmp_path), "folder")
     with pytest.raises(CdclError, match=problem.replace("[", r"\[")):
@@ -169,7 +172,7 @@ def test_monuseg_prefers_masks_and_falls_back_to_xml(tmp_path):
     _save(tmp_path / "images" / "a.tif", _image(6, 6))
     _save(tmp_path / "images" / "b.tif", _image(6, 6))
     _save(tmp_path / "masks" / "a.png", _instances(6, 6))
-    xml = '<Annotations><Region><Vertices>{}</Vertices></Region></Annotations>'
+    xml = "<Annotations><Region><Vertices>{}</Vertices></Region></Annotations>"
     square = "".join(f'<Vertex X="{x}" Y="{y}"/>' for x, y in [(1, 1), (4, 1), (4, 4), (1, 4)])
     (tmp_path / "annotations").mkdir()
     for stem in ("a", "b"):

@@ -130,8 +130,10 @@ def test_cli_split(tmp_path, shared_data, capsys):
 def test_read_split_file_validates_every_line(tmp_path, monuseg):
     path = tmp_path / "list.txt"
     path.write_text("# labeled tiles\n\ntrain/TCGA-18-5592-01Z-00-DX1[0:250,0:250]\n  test/TCGA-2Z-A9J9-01A-01-TS1  \n")
-    assert read_split_file(path, monuseg) == ["train/TCGA-18-5592-01Z-00-DX1[0:250,0:250]",
-                                              "test/TCGA-2Z-A9J9-01A-01-TS1"]
+    assert read_split_file(path, monuseg) == [
+        "train/TCGA-18-5592-01Z-00-DX1[0:250,0:250]",
+        "test/TCGA-2Z-A9J9-01A-01-TS1",
+    ]
     for bad, problem in [
         ("../../etc/passwd", "line 2: unknown item '../../etc/passwd'"),
         ("/etc/passwd", "line 2: unknown item '/etc/passwd'"),

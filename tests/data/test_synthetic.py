@@ -108,8 +108,19 @@ def test_write_rejects_bad_counts(tmp_path: Path, n: int, masks_for: int | None)
 def test_data_show_writes_the_grid(tmp_path: Path) -> None:
     data = write_synthetic_dataset(tmp_path / "data", 3, size=80, masks_for=2)
     out = tmp_path / "views.png"
-    argv = ["data", "show", str(data), "--format", "folder", "--n", "2", "--set", "augment.crop_size=64",
-            "--out", str(out)]
+    argv = [
+        "data",
+        "show",
+        str(data),
+        "--format",
+        "folder",
+        "--n",
+        "2",
+        "--set",
+        "augment.crop_size=64",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     grid = np.asarray(Image.open(out))
     assert grid.shape == (16 + 2 * 68, 4 * 68 - 4, 3)
@@ -117,13 +128,17 @@ def test_data_show_writes_the_grid(tmp_path: Path) -> None:
     assert main(argv) == 0 and out.read_bytes() == first  # same seed, same picture
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (["--n", "0", "--out", "x.png"], "--n must be >= 1"),
-    (["--out", "x.jpg"], "must be a .png"),
-    (["--set", "augment.brightness=3", "--out", "x.png"], "brightness"),
-])
-def test_data_show_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str],
-                             message: str) -> None:
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--n", "0", "--out", "x.png"], "--n must be >= 1"),
+        (["--out", "x.jpg"], "must be a .png"),
+        (["--set", "augment.brightness=3", "--out", "x.png"], "brightness"),
+    ],
+)
+def test_data_show_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
     data = write_synthetic_dataset(tmp_path / "data", 1, size=48)
     assert main(["data", "show", str(data), "--format", "folder", *extra]) == 2
     err = capsys.readouterr().err

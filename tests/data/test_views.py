@@ -10,8 +10,7 @@ import pytest
 from cdcl.data.show import COLUMNS, views_grid
 from cdcl.data.views import AugmentConfig, eval_view, labeled_view, paired_views, sample_geometry
 
-NO_PHOTOMETRY = dict(brightness=0, contrast=0, saturation=0, hue=0, blur_prob=0, noise_std=0, grey_prob=0,
-                     hed_sigma=0)
+NO_PHOTOMETRY = dict(brightness=0, contrast=0, saturation=0, hue=0, blur_prob=0, noise_std=0, grey_prob=0, hed_sigma=0)
 NUCLEUS = np.array([90, 30, 150], np.uint8)
 
 
@@ -89,9 +88,13 @@ def test_strong_view_lines_up_with_weak_better_than_any_other_placement() -> Non
     for seed in range(8):
         weak, strong = (v.mean(axis=0) for v in paired_views(image, np.random.default_rng(seed), cfg))
         scores = {
-            (k, flip, dy, dx): np.corrcoef(weak.ravel(), np.roll(np.rot90(strong[:, ::-1] if flip else strong, k),
-                                                                 (dy, dx), axis=(0, 1)).ravel())[0, 1]
-            for k in range(4) for flip in (False, True) for dy in range(-3, 4) for dx in range(-3, 4)
+            (k, flip, dy, dx): np.corrcoef(
+                weak.ravel(), np.roll(np.rot90(strong[:, ::-1] if flip else strong, k), (dy, dx), axis=(0, 1)).ravel()
+            )[0, 1]
+            for k in range(4)
+            for flip in (False, True)
+            for dy in range(-3, 4)
+            for dx in range(-3, 4)
         }
         assert max(scores, key=scores.get) == (0, False, 0, 0)
         assert scores[0, False, 0, 0] > 0.8
@@ -159,8 +162,7 @@ def test_crop_drops_cut_away_nuclei_and_relabels() -> None:
 def test_flip_and_rotation_switches(flip: bool, rotate90: bool, expected: int) -> None:
     image = coordinate_image(100, 100)
     cfg = AugmentConfig(crop_size=64, flip=flip, rotate90=rotate90, **NO_PHOTOMETRY)
-    seen = {rigid_orientation(source_coords(paired_views(image, np.random.default_rng(s), cfg)[0]))
-            for s in range(40)}
+    seen = {rigid_orientation(source_coords(paired_views(image, np.random.default_rng(s), cfg)[0])) for s in range(40)}
     assert len(seen) == expected
     if not rotate90:  # flips alone never swap the axes
         assert all(d[1] == 0 for d, _ in seen)
@@ -189,11 +191,24 @@ def test_eval_view_is_the_plain_image() -> None:
     np.testing.assert_array_equal(np.round(view * 255).astype(np.uint8), image.transpose(2, 0, 1))
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("crop_size", 0), ("scale", (1.2, 0.8)), ("scale", (0, 1)), ("scale", (1.0,)), ("brightness", 1.5),
-    ("contrast", -0.1), ("hue", 0.6), ("blur_prob", 2), ("blur_sigma", (2.0, 1.0)), ("noise_std", -1),
-    ("grey_prob", -0.5), ("hed_sigma", 1.5), ("labeled_strength", 2),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("crop_size", 0),
+        ("scale", (1.2, 0.8)),
+        ("scale", (0, 1)),
+        ("scale", (1.0,)),
+        ("brightness", 1.5),
+        ("contrast", -0.1),
+        ("hue", 0.6),
+        ("blur_prob", 2),
+        ("blur_sigma", (2.0, 1.0)),
+        ("noise_std", -1),
+        ("grey_prob", -0.5),
+        ("hed_sigma", 1.5),
+        ("labeled_strength", 2),
+    ],
+)
 def test_config_rejects_bad_values(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         AugmentConfig(**{field: value})

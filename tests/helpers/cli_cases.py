@@ -41,8 +41,14 @@ from helpers.training import tiny_dataset, tiny_overrides  # noqa: E402
 from cdcl.data.synthetic import synthetic_tile  # noqa: E402
 from cdcl.testing.slides import write_pyramid  # noqa: E402
 
-HANDLER_MODULES = ("cdcl.cli", "cdcl.commands.train", "cdcl.commands.evaluate", "cdcl.commands.predict",
-                   "cdcl.commands.predict_wsi", "cdcl.commands.data")
+HANDLER_MODULES = (
+    "cdcl.cli",
+    "cdcl.commands.train",
+    "cdcl.commands.evaluate",
+    "cdcl.commands.predict",
+    "cdcl.commands.predict_wsi",
+    "cdcl.commands.data",
+)
 DEFAULT_TIMEOUT = 180.0
 TEMP_NAME = re.compile(r"^\..*\.tmp$|^\.evaluate-")  # atomic_path temporaries, evaluate's staging folder
 
@@ -96,19 +102,32 @@ class Running:
                 self.kill()
                 status = self._collect(None)
                 self._finish(status)
-                pytest.fail(f"cdcl {' '.join(self.argv[:2])} timed out after {timeout:.0f} s:\n{self.result.stderr[-2000:]}")
+                pytest.fail(
+                    f"cdcl {' '.join(self.argv[:2])} timed out after {timeout:.0f} s:\n{self.result.stderr[-2000:]}"
+                )
             self._finish(status)
         return self.result
 
     def _finish(self, status: dict) -> None:
         read = lambda name: (self._io / name).read_text(errors="replace") if (self._io / name).exists() else ""  # noqa: E731
-        self.result = CliResult(self.argv, status["rc"], read("stdout"), read("stderr"), time.perf_counter() - self._start,
-                                status["cpu"], status["maxrss_kb"] / 1024)
+        self.result = CliResult(
+            self.argv,
+            status["rc"],
+            read("stdout"),
+            read("stderr"),
+            time.perf_counter() - self._start,
+            status["cpu"],
+            status["maxrss_kb"] / 1024,
+        )
         shutil.rmtree(self._io, ignore_errors=True)
 
 
 def _status(pid: int, wait_status: int, usage: resource.struct_rusage) -> dict:
-    return {"rc": os.waitstatus_to_exitcode(wait_status), "cpu": usage.ru_utime + usage.ru_stime, "maxrss_kb": usage.ru_maxrss}
+    return {
+        "rc": os.waitstatus_to_exitcode(wait_status),
+        "cpu": usage.ru_utime + usage.ru_stime,
+        "maxrss_kb": usage.ru_maxrss,
+    }
 
 
 class _Zygote:
@@ -116,8 +135,15 @@ class _Zygote:
 
     def __init__(self) -> None:
         self.log = tempfile.NamedTemporaryFile(prefix="cdcl-zygote-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen([sys.executable, __file__, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True, bufsize=1, env=_environment(None))
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            bufsize=1,
+            env=_environment(None),
+        )
         if self._line(None).get("ready") is not True:
             raise RuntimeError(f"cdcl test zygote did not start; see {self.log.name}")
         self.running: Running | None = None
@@ -156,8 +182,15 @@ class _Zygote:
 
 def _start_fresh(argv: list[str], cwd: Path, env: dict[str, str], io_dir: Path) -> Running:
     with open(io_dir / "stdout", "wb") as out, open(io_dir / "stderr", "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "cdcl.cli", *argv], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=err, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cdcl.cli", *argv],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+        )
 
     def collect(timeout: float | None) -> dict | None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -198,8 +231,9 @@ def start_cdcl(*args: str | Path, cwd: Path | None = None, env: dict[str, str] |
     return _zygote.start(argv, cwd, full_env, io_dir)
 
 
-def run_cdcl(*args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None,
-             timeout: float = DEFAULT_TIMEOUT) -> CliResult:
+def run_cdcl(
+    *args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = DEFAULT_TIMEOUT
+) -> CliResult:
     """Run ``cdcl ARGS`` to completion (killed and failed after ``timeout`` seconds)."""
     return start_cdcl(*args, cwd=cwd, env=env).wait(timeout)
 
@@ -219,12 +253,28 @@ class World:
     config: Path
     checkpoint: Path | None = None
 
-    def train_args(self, out: Path, *sets: str, data: Path | None = None, split: Path | None = None,
-                   method: str = "supervised", iterations: int = 2, config: Path | None = None) -> list[str]:
+    def train_args(
+        self,
+        out: Path,
+        *sets: str,
+        data: Path | None = None,
+        split: Path | None = None,
+        method: str = "supervised",
+        iterations: int = 2,
+        config: Path | None = None,
+    ) -> list[str]:
         """``train --config ... --set ... --out OUT`` for a tiny run; later ``sets`` override earlier ones."""
-        overrides = tiny_overrides(data or self.data, split or self.split, method, iterations,
-                                   **{"model.encoder": TINY_ENCODER}) + list(sets)
-        return ["train", "--config", str(config or self.config), *[a for s in overrides for a in ("--set", s)], "--out", str(out)]
+        overrides = tiny_overrides(
+            data or self.data, split or self.split, method, iterations, **{"model.encoder": TINY_ENCODER}
+        ) + list(sets)
+        return [
+            "train",
+            "--config",
+            str(config or self.config),
+            *[a for s in overrides for a in ("--set", s)],
+            "--out",
+            str(out),
+        ]
 
 
 _world: World | None = None
@@ -272,6 +322,7 @@ def _slide_image(height: int, width: int) -> np.ndarray:
 
 # ---- checks ------------------------------------------------------------------------------------------------
 
+
 def stray_files(folder: Path) -> list[str]:
     """Temporary files or staging folders left anywhere under ``folder`` (relative paths)."""
     if not folder.exists():
@@ -300,6 +351,7 @@ def assert_ok(result: CliResult) -> None:
 
 # ---- the record for docs/RELIABILITY.md -----------------------------------------------------------------------
 
+
 @dataclass
 class Recorder:
     """Appends one JSON line per case to $CDCL_RELIABILITY_JSON (nothing when unset)."""
@@ -312,7 +364,11 @@ class Recorder:
     def for_test(cls, request: pytest.FixtureRequest) -> Recorder:
         """The recorder of the requesting test (each suite's ``record`` fixture)."""
         case = request.node.callspec.id if hasattr(request.node, "callspec") else request.node.name
-        return cls(request.module.__name__.removeprefix("test_"), case, request.getfixturevalue("tmp_path_factory").getbasetemp())
+        return cls(
+            request.module.__name__.removeprefix("test_"),
+            case,
+            request.getfixturevalue("tmp_path_factory").getbasetemp(),
+        )
 
     def scrub(self, text: str) -> str:
         """One line, without the test's temporary folders, so the table reads the same on every run."""
@@ -322,8 +378,16 @@ class Recorder:
         text = re.sub(re.escape(tempfile.gettempdir()) + r"/cdcl-case-\w+/", "", text)
         return text if len(text) <= 400 else text[:399] + "…"
 
-    def __call__(self, command: str, given: str, result: CliResult | None, expected: str, *, message: str | None = None,
-                 outcome: str | None = None) -> None:
+    def __call__(
+        self,
+        command: str,
+        given: str,
+        result: CliResult | None,
+        expected: str,
+        *,
+        message: str | None = None,
+        outcome: str | None = None,
+    ) -> None:
         """One case: ``result`` of the CLI run (None for in-process cases, which give ``message``); ``message``
         defaults to stderr's last line on failure, else the last line of output."""
         target = os.environ.get("CDCL_RELIABILITY_JSON")
@@ -332,19 +396,28 @@ class Recorder:
         if message is None and result is not None:
             lines = [line for line in (result.stdout if result.rc == 0 else "").splitlines() if line.strip()]
             message = lines[-1] if lines else result.last_line
-        row = {"suite": self.suite, "case": self.case, "command": command, "input": given, "expected": expected,
-               "exit_code": None if result is None else result.rc, "message": self.scrub(message or ""),
-               "outcome": outcome or ""}
+        row = {
+            "suite": self.suite,
+            "case": self.case,
+            "command": command,
+            "input": given,
+            "expected": expected,
+            "exit_code": None if result is None else result.rc,
+            "message": self.scrub(message or ""),
+            "outcome": outcome or "",
+        }
         if result is not None:
-            row.update(seconds=round(result.seconds, 2), cpu_seconds=round(result.cpu_seconds, 2),
-                       peak_rss_mb=round(result.max_rss_mb, 1))
+            row.update(
+                seconds=round(result.seconds, 2),
+                cpu_seconds=round(result.cpu_seconds, 2),
+                peak_rss_mb=round(result.max_rss_mb, 1),
+            )
         with open(target, "a") as fh:
             fh.write(json.dumps(row) + "\n")
 
 
-
-
 # ---- the zygote (server side) ---------------------------------------------------------------------------------
+
 
 def _serve() -> None:
     """Import cdcl once, then fork one child per request (JSON lines on stdin; pid and status on stdout)."""
@@ -397,7 +470,13 @@ def _child(request: dict) -> NoReturn:
         runpy.run_module("cdcl.cli", run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else (print(exc.code, file=sys.stderr), 1)[1]
+        code = (
+            exc.code
+            if isinstance(exc.code, int)
+            else 0
+            if exc.code is None
+            else (print(exc.code, file=sys.stderr), 1)[1]
+        )
     except BaseException:  # noqa: BLE001 - what the interpreter prints for an uncaught exception
         traceback.print_exc()
     atexit._run_exitfuncs()

@@ -26,7 +26,10 @@ GEOJSON_SCHEMA = {
                     "geometry": {
                         "type": "object",
                         "required": ["type", "coordinates"],
-                        "properties": {"type": {"const": "Polygon"}, "coordinates": {"type": "array", "items": RING, "minItems": 1}},
+                        "properties": {
+                            "type": {"const": "Polygon"},
+                            "coordinates": {"type": "array", "items": RING, "minItems": 1},
+                        },
                     },
                     "properties": {
                         "type": "object",
@@ -36,7 +39,15 @@ GEOJSON_SCHEMA = {
                             "classification": {
                                 "type": "object",
                                 "required": ["name", "color"],
-                                "properties": {"name": {"type": "string"}, "color": {"type": "array", "items": {"type": "integer"}, "minItems": 3, "maxItems": 3}},
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "color": {
+                                        "type": "array",
+                                        "items": {"type": "integer"},
+                                        "minItems": 3,
+                                        "maxItems": 3,
+                                    },
+                                },
                             },
                             "measurements": {"type": "object", "additionalProperties": {"type": "number"}},
                         },

@@ -8,8 +8,15 @@ from cdcl.data import load_dataset
 from cdcl.data.splits import Split, write_split
 from cdcl.data.synthetic import write_synthetic_dataset
 
-TINY_MODEL = ["model.encoder=resnet18", "model.decoder_channels=[16,16,16]", "model.feature_channels=16",
-              "model.head_channels=8", "model.embed_dim=8", "augment.crop_size=64", "infer.window=64"]
+TINY_MODEL = [
+    "model.encoder=resnet18",
+    "model.decoder_channels=[16,16,16]",
+    "model.feature_channels=16",
+    "model.head_channels=8",
+    "model.embed_dim=8",
+    "augment.crop_size=64",
+    "infer.window=64",
+]
 
 
 def tiny_dataset(root: Path, n: int = 10) -> tuple[Path, Path]:
@@ -24,9 +31,25 @@ def tiny_dataset(root: Path, n: int = 10) -> tuple[Path, Path]:
 
 
 def tiny_overrides(data: Path, split: Path, method: str = "cdcl", iterations: int = 6, **extra: object) -> list[str]:
-    base = [f"data.root={data}", "data.format=folder", f"data.split_dir={split}", "data.num_workers=0",
-            "data.batch_size=2", "data.unlabeled_batch_size=2", f"method.name={method}", "method.warmup_iters=2",
-            "method.ramp_iters=2", "method.threshold=0.5", "method.num_anchors=64", "method.num_bank_samples=64",
-            f"train.iterations={iterations}", "train.val_every=2", "train.log_every=1", "train.device=cpu",
-            "train.deterministic=true", "train.tune_postprocess=false", *TINY_MODEL]
+    base = [
+        f"data.root={data}",
+        "data.format=folder",
+        f"data.split_dir={split}",
+        "data.num_workers=0",
+        "data.batch_size=2",
+        "data.unlabeled_batch_size=2",
+        f"method.name={method}",
+        "method.warmup_iters=2",
+        "method.ramp_iters=2",
+        "method.threshold=0.5",
+        "method.num_anchors=64",
+        "method.num_bank_samples=64",
+        f"train.iterations={iterations}",
+        "train.val_every=2",
+        "train.log_every=1",
+        "train.device=cpu",
+        "train.deterministic=true",
+        "train.tune_postprocess=false",
+        *TINY_MODEL,
+    ]
     return base + [f"{k}={v}" for k, v in extra.items()]

@@ -27,8 +27,13 @@ def trained(tmp_path_factory):
     """A CDCL run with AMP on the GPU, past warm-up so every loss term runs under autocast."""
     root = tmp_path_factory.mktemp("cuda")
     data, split = tiny_dataset(root)
-    overrides = tiny_overrides(data, split, "cdcl", iterations=6, **{"method.threshold": 0.0, "train.device": "cuda",
-                                                                    "train.amp": "true", "train.deterministic": "false"})
+    overrides = tiny_overrides(
+        data,
+        split,
+        "cdcl",
+        iterations=6,
+        **{"method.threshold": 0.0, "train.device": "cuda", "train.amp": "true", "train.deterministic": "false"},
+    )
     out = root / "run"
     summary = train(load_config(None, overrides), out)
     return out, summary
@@ -64,8 +69,21 @@ def test_predict_cli_on_cuda(trained, tmp_path):
     out, _ = trained
     image = synthetic_tile(np.random.default_rng(4), 128)[0]
     Image.fromarray(image).save(tmp_path / "tile.png")
-    assert main(["predict", "--checkpoint", str(out / "best.pt"), str(tmp_path / "tile.png"), "--out",
-                 str(tmp_path / "pred"), "--device", "cuda"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(out / "best.pt"),
+                str(tmp_path / "tile.png"),
+                "--out",
+                str(tmp_path / "pred"),
+                "--device",
+                "cuda",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "pred" / "tile.geojson").exists()
 
 
@@ -114,7 +132,9 @@ def test_predict_wsi_on_cuda_matches_the_cpu(tmp_path):
     gpu.device = torch.device("cuda")
     tables = []
     for name, predictor, workers in (("cpu", cpu, 0), ("gpu", gpu, 2)):
-        summary = predict_slide(predictor, ArrayReader(image, mpp=0.25), tmp_path / name, stem="s", tile=128, halo=32, workers=workers)
+        summary = predict_slide(
+            predictor, ArrayReader(image, mpp=0.25), tmp_path / name, stem="s", tile=128, halo=32, workers=workers
+        )
         assert summary["nuclei"] == len(DISCS)
         tables.append((tmp_path / name / "s_nuclei.csv").read_text())
     assert tables[0] == tables[1]

@@ -32,6 +32,7 @@ from cdcl.instances.export import (
     write_label_map,
 )
 
+
 # The parts of RFC 7946 a QuPath import relies on, for polygon features.
 @pytest.fixture
 def scene() -> tuple[np.ndarray, np.ndarray]:
@@ -137,15 +138,28 @@ def test_table_matches_scikit_image_regionprops(shared_data) -> None:
     """The moment-based measurements equal regionprops' on a real MoNuSeg label map (non-contiguous ids too)."""
 
     stem = "TCGA-18-5592-01Z-00-DX1"
-    labels = np.asarray(Image.open(shared_data / "monuseg" / "train" / "masks" / f"{stem}.png")).astype(np.int32)[:400, :400] * 3
-    image = np.asarray(Image.open(shared_data / "monuseg" / "train" / "images" / f"{stem}.tif").convert("RGB"))[:400, :400]
+    labels = (
+        np.asarray(Image.open(shared_data / "monuseg" / "train" / "masks" / f"{stem}.png")).astype(np.int32)[:400, :400]
+        * 3
+    )
+    image = np.asarray(Image.open(shared_data / "monuseg" / "train" / "images" / f"{stem}.tif").convert("RGB"))[
+        :400, :400
+    ]
     rows = nuclei_table(labels, image)
-    ref = regionprops_table(labels, image, properties=("label", "centroid", "area", "perimeter", "eccentricity", "intensity_mean"))
+    ref = regionprops_table(
+        labels, image, properties=("label", "centroid", "area", "perimeter", "eccentricity", "intensity_mean")
+    )
     assert len(rows) == len(ref["label"]) > 50
     np.testing.assert_array_equal([r["id"] for r in rows], ref["label"])
     for column, key in [("centroid_x", "centroid-1"), ("centroid_y", "centroid-0")]:
         np.testing.assert_allclose([r[column] for r in rows], ref[key] + 0.5, atol=1e-3)
-    for column, key in [("area", "area"), ("perimeter", "perimeter"), ("eccentricity", "eccentricity"), ("mean_r", "intensity_mean-0"), ("mean_b", "intensity_mean-2")]:
+    for column, key in [
+        ("area", "area"),
+        ("perimeter", "perimeter"),
+        ("eccentricity", "eccentricity"),
+        ("mean_r", "intensity_mean-0"),
+        ("mean_b", "intensity_mean-2"),
+    ]:
         np.testing.assert_allclose([r[column] for r in rows], ref[key], atol=1e-3)
 
 
@@ -192,7 +206,9 @@ def test_perimeters_equal_regionprops_for_every_label(seed) -> None:
         assert len(regions) >= 3
         np.testing.assert_array_equal(ids, [r.label for r in regions])
         np.testing.assert_allclose(perimeter, [r.perimeter for r in regions], rtol=0, atol=1e-9)
-    ids, perimeter = label_perimeters(np.array([[5, 5, 0, 9, 9, 9], [5, 5, 0, 9, 9, 9], [0, 0, 0, 9, 9, 9], [2, 0, 0, 0, 0, 0]]))
+    ids, perimeter = label_perimeters(
+        np.array([[5, 5, 0, 9, 9, 9], [5, 5, 0, 9, 9, 9], [0, 0, 0, 9, 9, 9], [2, 0, 0, 0, 0, 0]])
+    )
     assert ids.tolist() == [2, 5, 9] and perimeter.tolist() == [0.0, 4.0, 8.0]  # skimage's: a dot, 2x2 and 3x3 squares
     assert [len(x) for x in label_perimeters(np.zeros((3, 4), np.int32))] == [0, 0]
 
@@ -269,7 +285,9 @@ def test_polygons_table_and_perimeters_match_the_references_on_a_real_mask(share
     assert len(polygons) > 300
     assert polygons == reference_polygons(labels, offset=(1000, 2000), scale=2)
     image = read_image(shared_data / "monuseg" / "train" / "images" / "TCGA-21-5784-01Z-00-DX1.tif")
-    assert nuclei_table(labels, image, offset=(1000, 2000), scale=2) == reference_table(labels, image, offset=(1000, 2000), scale=2)
+    assert nuclei_table(labels, image, offset=(1000, 2000), scale=2) == reference_table(
+        labels, image, offset=(1000, 2000), scale=2
+    )
     ids, perimeter = label_perimeters(labels)
     regions = regionprops(labels)
     np.testing.assert_array_equal(ids, [r.label for r in regions])

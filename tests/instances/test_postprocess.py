@@ -11,7 +11,13 @@ from cdcl.metrics import aji
 from skimage.segmentation import relabel_sequential
 
 from cdcl.instances.postprocess import (
-    PostprocessParams, _finish, _remove_small, distance_to_background, fill_holes_of, instances_from_probability, tune_params,
+    PostprocessParams,
+    _finish,
+    _remove_small,
+    distance_to_background,
+    fill_holes_of,
+    instances_from_probability,
+    tune_params,
 )
 
 
@@ -154,7 +160,12 @@ def test_fill_holes_equals_scipy_on_random_masks():
 def test_distance_to_background_equals_scipy_bit_for_bit():
     rng = np.random.default_rng(0)
     masks = [rng.random((rng.integers(1, 60), rng.integers(1, 60))) > rng.uniform(0.05, 0.95) for _ in range(300)]
-    masks += [np.ones((7, 9), bool), np.zeros((7, 9), bool), np.eye(12, dtype=bool)[:, ::-1], ndi.binary_dilation(np.eye(40, dtype=bool), iterations=6)]
+    masks += [
+        np.ones((7, 9), bool),
+        np.zeros((7, 9), bool),
+        np.eye(12, dtype=bool)[:, ::-1],
+        ndi.binary_dilation(np.eye(40, dtype=bool), iterations=6),
+    ]
     for mask in masks:
         expected = ndi.distance_transform_edt(mask)
         got = distance_to_background(mask)

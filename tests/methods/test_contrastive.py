@@ -36,9 +36,16 @@ def _inputs(n: int, m: int, d: int, seed: int, dtype: torch.dtype = torch.float3
     }
 
 
-@pytest.mark.parametrize(("n", "m", "d", "chunk", "temperature"), [
-    (1, 1, 4, 1, 0.1), (7, 13, 8, 3, 0.1), (40, 120, 16, 16, 0.5), (65, 90, 32, 64, 0.07), (20, 50, 8, 1024, 1.0),
-])
+@pytest.mark.parametrize(
+    ("n", "m", "d", "chunk", "temperature"),
+    [
+        (1, 1, 4, 1, 0.1),
+        (7, 13, 8, 3, 0.1),
+        (40, 120, 16, 16, 0.5),
+        (65, 90, 32, 64, 0.07),
+        (20, 50, 8, 1024, 1.0),
+    ],
+)
 def test_matches_naive_reference(n: int, m: int, d: int, chunk: int, temperature: float) -> None:
     data = _inputs(n, m, d, seed=n * 1000 + m)
     got = patch_contrastive_loss(**data, temperature=temperature, bdp=BDP, fdp=FDP, chunk_size=chunk)
@@ -58,9 +65,17 @@ def test_matches_naive_reference_at_low_temperature_in_float64() -> None:
 def _one_anchor(anchor_fc: float, bank_fc: float, bank_label: int, bdp: float = BDP, fdp: float = FDP) -> torch.Tensor:
     """Anchor (label 1) with a.p = 0.6 and one bank entry with a.b = 0.8, at temperature 0.1."""
     return patch_contrastive_loss(
-        torch.tensor([[1.0, 0.0]]), torch.tensor([[0.6, 0.8]]), torch.tensor([[0.8, 0.6]]),
-        torch.tensor([1]), torch.tensor([bank_label]), torch.tensor([anchor_fc], dtype=torch.float32),
-        torch.tensor([bank_fc], dtype=torch.float32), temperature=0.1, bdp=bdp, fdp=fdp)
+        torch.tensor([[1.0, 0.0]]),
+        torch.tensor([[0.6, 0.8]]),
+        torch.tensor([[0.8, 0.6]]),
+        torch.tensor([1]),
+        torch.tensor([bank_label]),
+        torch.tensor([anchor_fc], dtype=torch.float32),
+        torch.tensor([bank_fc], dtype=torch.float32),
+        temperature=0.1,
+        bdp=bdp,
+        fdp=fdp,
+    )
 
 
 def test_fc_sum_exactly_at_the_limit_counts_as_negative() -> None:
@@ -103,8 +118,18 @@ def test_stable_with_huge_logits() -> None:
     anchors = torch.tensor([[10.0, 0.0]], requires_grad=True)
     positives = torch.tensor([[1.0, 0.0]])
     bank = torch.tensor([[1.0 + 0.01 * math.log(3) / 10.0, 0.0], [-1.0, 0.0]])
-    loss = patch_contrastive_loss(anchors, positives, bank, torch.tensor([1]), torch.tensor([0, 0]),
-                                  torch.tensor([0.0]), torch.tensor([0.0, 0.0]), temperature=0.01, bdp=BDP, fdp=FDP)
+    loss = patch_contrastive_loss(
+        anchors,
+        positives,
+        bank,
+        torch.tensor([1]),
+        torch.tensor([0, 0]),
+        torch.tensor([0.0]),
+        torch.tensor([0.0, 0.0]),
+        temperature=0.01,
+        bdp=BDP,
+        fdp=FDP,
+    )
     assert loss.item() == pytest.approx(math.log(4), rel=1e-3)
     loss.sum().backward()
     assert torch.isfinite(anchors.grad).all()
@@ -126,8 +151,7 @@ def test_gradients_are_exact_with_chunk_recomputation() -> None:
 
     def loss(anchors, positives, bank):
         rest = {k: v for k, v in data.items() if k not in differentiable}
-        return patch_contrastive_loss(anchors, positives, bank, **rest, temperature=0.2, bdp=BDP, fdp=FDP,
-                                      chunk_size=4)
+        return patch_contrastive_loss(anchors, positives, bank, **rest, temperature=0.2, bdp=BDP, fdp=FDP, chunk_size=4)
 
     inputs = tuple(data[k].clone().requires_grad_() for k in differentiable)
     assert torch.autograd.gradcheck(loss, inputs)
@@ -138,8 +162,9 @@ def test_chunking_does_not_change_values_or_gradients() -> None:
     results = []
     for chunk in (7, 1024):
         anchors = data["anchors"].clone().requires_grad_()
-        loss = patch_contrastive_loss(anchors, *[data[k] for k in list(data)[1:]], temperature=0.1, bdp=BDP,
-                                      fdp=FDP, chunk_size=chunk)
+        loss = patch_contrastive_loss(
+            anchors, *[data[k] for k in list(data)[1:]], temperature=0.1, bdp=BDP, fdp=FDP, chunk_size=chunk
+        )
         loss.sum().backward()
         results.append((loss.detach(), anchors.grad))
     torch.testing.assert_close(results[0][0], results[1][0])
@@ -156,18 +181,23 @@ def test_autocast_keeps_float32() -> None:
 
 
 def test_count_negatives() -> None:
-    counts = count_negatives(torch.tensor([1, 0, 1]), torch.tensor([0, 0, 1, 1]), torch.tensor([0.9, 0.1, 0.2]),
-                             torch.tensor([0.1, 0.2, 0.8, 0.95]), bdp=BDP, fdp=FDP, chunk_size=2)
+    counts = count_negatives(
+        torch.tensor([1, 0, 1]),
+        torch.tensor([0, 0, 1, 1]),
+        torch.tensor([0.9, 0.1, 0.2]),
+        torch.tensor([0.1, 0.2, 0.8, 0.95]),
+        bdp=BDP,
+        fdp=FDP,
+        chunk_size=2,
+    )
     assert counts.tolist() == [1, 1, 2]
 
 
 # --- patch foreground ratio -------------------------------------------------------------------------------------
 
+
 def test_patch_foreground_ratio_divisible() -> None:
-    labels = torch.tensor([[[0, 0, 1, 1],
-                            [0, 0, 1, 1],
-                            [1, 0, 0, 0],
-                            [1, 1, 0, 1]]])
+    labels = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 1], [1, 0, 0, 0], [1, 1, 0, 1]]])
     want = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 1], [0.75, 0.75, 0.25, 0.25], [0.75, 0.75, 0.25, 0.25]]])
     torch.testing.assert_close(patch_foreground_ratio(labels, 2), want)
     torch.testing.assert_close(patch_foreground_ratio(labels, 1), torch.full((1, 4, 4), 8 / 16))
@@ -175,10 +205,7 @@ def test_patch_foreground_ratio_divisible() -> None:
 
 
 def test_patch_foreground_ratio_with_remainder_splits_evenly() -> None:
-    labels = torch.tensor([[[0, 0, 1, 1, 1],
-                            [0, 0, 1, 1, 1],
-                            [0, 0, 0, 0, 0],
-                            [1, 1, 1, 1, 1]]])
+    labels = torch.tensor([[[0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]]])
     # columns 0-2 | 3-4, rows 0-1 | 2-3
     want = torch.tensor([[[2 / 6] * 3 + [1.0] * 2] * 2 + [[0.5] * 5] * 2])
     torch.testing.assert_close(patch_foreground_ratio(labels, 2), want)
@@ -187,6 +214,7 @@ def test_patch_foreground_ratio_with_remainder_splits_evenly() -> None:
 
 
 # --- memory bank ------------------------------------------------------------------------------------------------
+
 
 def _block(value: float, k: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.full((k, 2), value), torch.full((k,), int(value)), torch.full((k,), value / 10)
@@ -240,6 +268,7 @@ def test_memory_bank_state_dict_round_trip() -> None:
 
 # --- sampling ---------------------------------------------------------------------------------------------------
 
+
 def test_sample_anchor_pixels() -> None:
     valid = torch.tensor([True, False, True, True, False, True, True])
     assert sample_anchor_pixels(valid, 0, None).tolist() == [0, 2, 3, 5, 6]
@@ -265,10 +294,7 @@ def test_sample_anchor_pixels_is_uniform() -> None:
 
 # 4x4 map, 2x2 patches: top-left all background (FC 0), top-right all foreground (FC 1),
 # bottom-left FC 0.5 and bottom-right FC 0.25: only the top half are anchor pixels with bdp 0.2, fdp 0.8.
-LABELS = torch.tensor([[[0, 0, 1, 1],
-                        [0, 0, 1, 1],
-                        [1, 0, 0, 0],
-                        [1, 0, 0, 1]]])
+LABELS = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 1], [1, 0, 0, 0], [1, 0, 0, 1]]])
 TOP_HALF = torch.arange(8)
 
 
@@ -282,8 +308,9 @@ def _flat(emb: torch.Tensor) -> torch.Tensor:
 
 def _term(student, teacher, student_labels=LABELS, teacher_labels=LABELS, valid=None, bank=None, **options):
     settings = {"grid": 2, "bdp": BDP, "fdp": FDP, "temperature": 0.1, "num_anchors": 0, "num_bank_samples": 0}
-    return cross_patch_contrastive(student, teacher, student_labels, teacher_labels, valid, bank,
-                                   **(settings | options))
+    return cross_patch_contrastive(
+        student, teacher, student_labels, teacher_labels, valid, bank, **(settings | options)
+    )
 
 
 def test_term_equals_the_formula_on_a_hand_made_batch() -> None:
@@ -297,9 +324,17 @@ def test_term_equals_the_formula_on_a_hand_made_batch() -> None:
     fc_s = patch_foreground_ratio(student_labels, 2).reshape(-1)
     fc_t = patch_foreground_ratio(teacher_labels, 2).reshape(-1)
     want = naive_patch_contrastive_loss(
-        _flat(student)[anchors], _flat(teacher)[anchors], torch.cat([_flat(student), _flat(teacher)]),
-        student_labels.reshape(-1)[anchors], torch.cat([student_labels.reshape(-1), teacher_labels.reshape(-1)]),
-        fc_s[anchors], torch.cat([fc_s, fc_t]), temperature=0.1, bdp=BDP, fdp=FDP)
+        _flat(student)[anchors],
+        _flat(teacher)[anchors],
+        torch.cat([_flat(student), _flat(teacher)]),
+        student_labels.reshape(-1)[anchors],
+        torch.cat([student_labels.reshape(-1), teacher_labels.reshape(-1)]),
+        fc_s[anchors],
+        torch.cat([fc_s, fc_t]),
+        temperature=0.1,
+        bdp=BDP,
+        fdp=FDP,
+    )
     assert loss.item() == pytest.approx(sum(want) / len(want), rel=1e-5)
     assert stats["n_anchors"].item() == 16
     assert stats["bank_size"].item() == 64
@@ -335,8 +370,7 @@ def test_negative_counts_with_and_without_patch_filter() -> None:
     # see only background pixels of FC-0 patches: the top-left patch of both views, 8 pixels
     assert _term(student, teacher)[1]["n_negatives"].item() == pytest.approx((4 * 14 + 4 * 8) / 8)
     # no filter: all 9 background anchors see 14 negatives, all 7 foreground anchors see 18
-    assert _term(student, teacher, patch_filter=False)[1]["n_negatives"].item() == pytest.approx(
-        (9 * 14 + 7 * 18) / 16)
+    assert _term(student, teacher, patch_filter=False)[1]["n_negatives"].item() == pytest.approx((9 * 14 + 7 * 18) / 16)
 
 
 def test_no_anchor_patch_gives_zero_and_backward_works() -> None:
@@ -352,8 +386,9 @@ def test_sampling_mode_limits_counts() -> None:
     student, teacher = _embeddings(0, b=2, h=8, w=8), _embeddings(1, b=2, h=8, w=8)
     labels = torch.zeros(2, 8, 8, dtype=torch.long)
     labels[:, :, 4:] = 1
-    loss, stats = _term(student, teacher, labels, labels, num_anchors=10, num_bank_samples=7,
-                        generator=torch.Generator().manual_seed(0))
+    loss, stats = _term(
+        student, teacher, labels, labels, num_anchors=10, num_bank_samples=7, generator=torch.Generator().manual_seed(0)
+    )
     assert stats["n_anchors"].item() == 10 and stats["bank_size"].item() == 14
     assert torch.isfinite(loss) and loss.item() > 0
 

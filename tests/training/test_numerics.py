@@ -45,8 +45,17 @@ def one_thread():
 
 def config(tiny, **extra):
     data, split = tiny
-    return load_config(None, tiny_overrides(data, split, "supervised", iterations=4,
-                                            **{"model.encoder": TINY_ENCODER, "method.warmup_iters": 0}, **extra))
+    return load_config(
+        None,
+        tiny_overrides(
+            data,
+            split,
+            "supervised",
+            iterations=4,
+            **{"model.encoder": TINY_ENCODER, "method.warmup_iters": 0},
+            **extra,
+        ),
+    )
 
 
 def tensors(value, where: str = "") -> Iterator[tuple[str, torch.Tensor]]:
@@ -89,11 +98,19 @@ def poison_batch(monkeypatch, at_step: int, key: str = "image") -> None:
 
 def test_nan_in_a_batch_stops_the_run_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch, record):
     poison_batch(monkeypatch, at_step=3)
-    with pytest.raises(CdclError, match=r"non-finite loss at iteration 4 \(total=nan, sup=nan\); stopped, last good checkpoint kept") as err:
+    with pytest.raises(
+        CdclError, match=r"non-finite loss at iteration 4 \(total=nan, sup=nan\); stopped, last good checkpoint kept"
+    ) as err:
         train(config(tiny), tmp_path)
     steps = finite_checkpoints(tmp_path)
-    record("train (in-process)", "NaN pixel in the labeled batch of iteration 4 (train.on_nonfinite=stop)", None,
-           "stops with a clear message", message=str(err.value), outcome=f"stopped; checkpoints {steps}, all finite")
+    record(
+        "train (in-process)",
+        "NaN pixel in the labeled batch of iteration 4 (train.on_nonfinite=stop)",
+        None,
+        "stops with a clear message",
+        message=str(err.value),
+        outcome=f"stopped; checkpoints {steps}, all finite",
+    )
     assert steps == {"best.pt": 2, "last.pt": 2}
 
 
@@ -102,11 +119,19 @@ def test_nan_in_a_batch_is_skipped_and_counted(tiny, tmp_path, monkeypatch, reco
     """With on_nonfinite=skip the step is dropped and counted, and leaves no trace: the forward pass that met
     the NaN had already updated the batch-norm statistics (and, for CDCL, pushed into the memory bank)."""
     poison_batch(monkeypatch, at_step=3, key=key)
-    summary = train(config(tiny, **{"train.on_nonfinite": "skip", "method.name": method, "method.threshold": 0.0}), tmp_path)
-    record("train (in-process)", f"{method}: NaN pixel in the {key} batch of iteration 4 (train.on_nonfinite=skip)", None,
-           "skips and counts the step", message=f"summary: skipped_steps={summary['skipped_steps']}, iterations={summary['iterations']}",
-           outcome="step skipped and counted; batch-norm statistics" + (" and memory bank" if method == "cdcl" else "")
-           + " restored; every checkpoint finite")
+    summary = train(
+        config(tiny, **{"train.on_nonfinite": "skip", "method.name": method, "method.threshold": 0.0}), tmp_path
+    )
+    record(
+        "train (in-process)",
+        f"{method}: NaN pixel in the {key} batch of iteration 4 (train.on_nonfinite=skip)",
+        None,
+        "skips and counts the step",
+        message=f"summary: skipped_steps={summary['skipped_steps']}, iterations={summary['iterations']}",
+        outcome="step skipped and counted; batch-norm statistics"
+        + (" and memory bank" if method == "cdcl" else "")
+        + " restored; every checkpoint finite",
+    )
     assert summary["skipped_steps"] == 1 and summary["iterations"] == 4
     assert finite_checkpoints(tmp_path) == {"best.pt": summary["best_step"], "last.pt": 4}
     last = load_checkpoint(tmp_path / "last.pt")
@@ -133,9 +158,14 @@ def test_too_many_skipped_steps_stop(tiny, tmp_path, monkeypatch, record):
     monkeypatch.setattr(Supervised, "losses", always_nan)
     with pytest.raises(CdclError, match="non-finite loss at iteration 3") as err:
         train(config(tiny, **{"train.on_nonfinite": "skip", "train.max_skipped": 2}), tmp_path)
-    record("train (in-process)", "NaN loss at every step (train.on_nonfinite=skip, train.max_skipped=2)", None,
-           "stops after 2 skips", message=str(err.value),
-           outcome="stopped at the third; the checkpoints of iteration 2 (a validation step) hold the initial weights, finite")
+    record(
+        "train (in-process)",
+        "NaN loss at every step (train.on_nonfinite=skip, train.max_skipped=2)",
+        None,
+        "stops after 2 skips",
+        message=str(err.value),
+        outcome="stopped at the third; the checkpoints of iteration 2 (a validation step) hold the initial weights, finite",
+    )
     assert finite_checkpoints(tmp_path) == {"best.pt": 2, "last.pt": 2}
     assert load_checkpoint(tmp_path / "last.pt")["skipped"] == 2
 
@@ -155,12 +185,19 @@ def test_non_finite_statistics_are_never_saved(tiny, tmp_path, monkeypatch, reco
     with pytest.raises(CdclError, match="refusing to save .*: weights are not finite") as err:
         train(config(tiny), tmp_path)
     steps = finite_checkpoints(tmp_path)
-    record("train (in-process)", "a batch-norm running variance turned NaN after iteration 3 (loss still finite)", None,
-           "never saved", message=str(err.value), outcome=f"stopped at the save; checkpoints {steps}, all finite")
+    record(
+        "train (in-process)",
+        "a batch-norm running variance turned NaN after iteration 3 (loss still finite)",
+        None,
+        "never saved",
+        message=str(err.value),
+        outcome=f"stopped at the save; checkpoints {steps}, all finite",
+    )
     assert steps == {"best.pt": 2, "last.pt": 2}
 
 
 # ---- degenerate unlabeled batches: CDCL's terms with a model whose outputs the test controls -------------------
+
 
 class Puppet(nn.Module):
     """Class-1 logit ``gain * (red - 0.5)`` per pixel, so the input picture *is* the prediction: 0 = confident
@@ -180,9 +217,11 @@ class Puppet(nn.Module):
         return out
 
 
-UNLABELED = {"background": "unlabeled batch that is all confident background",
-             "stripes": "unlabeled batch with no anchor patch (every patch half nucleus)",
-             "undecided": "unlabeled batch with no confident pseudo-label (p = 0.5 everywhere)"}
+UNLABELED = {
+    "background": "unlabeled batch that is all confident background",
+    "stripes": "unlabeled batch with no anchor patch (every patch half nucleus)",
+    "undecided": "unlabeled batch with no confident pseudo-label (p = 0.5 everywhere)",
+}
 
 
 def unlabeled_batch(kind: str) -> torch.Tensor:
@@ -197,8 +236,9 @@ def unlabeled_batch(kind: str) -> torch.Tensor:
 
 def cdcl_terms(kind: str) -> tuple[dict[str, torch.Tensor], Puppet]:
     torch.manual_seed(0)
-    method = build_method(MethodConfig(name="cdcl", warmup_iters=0, ramp_iters=0, threshold=0.9, num_anchors=64,
-                                       num_bank_samples=64))
+    method = build_method(
+        MethodConfig(name="cdcl", warmup_iters=0, ramp_iters=0, threshold=0.9, num_anchors=64, num_bank_samples=64)
+    )
     student, teacher = Puppet(), Puppet()
     labeled = {"image": torch.rand(2, 3, 64, 64), "target": torch.randint(0, 2, (2, 64, 64))}
     weak = unlabeled_batch(kind)
@@ -207,16 +247,27 @@ def cdcl_terms(kind: str) -> tuple[dict[str, torch.Tensor], Puppet]:
     return terms, student
 
 
-@pytest.mark.parametrize("kind, zero_terms, n_anchors", [
-    ("background", ["contr"], 64),  # 512 anchor pixels (64 sampled), but none of another class: no negatives
-    ("stripes", ["contr"], 0),  # every patch is half nucleus: no anchor patch at all
-    ("undecided", ["cons", "contr"], 0),  # nothing confident: no pseudo-label, no anchor, no bank entry
-])
+@pytest.mark.parametrize(
+    "kind, zero_terms, n_anchors",
+    [
+        ("background", ["contr"], 64),  # 512 anchor pixels (64 sampled), but none of another class: no negatives
+        ("stripes", ["contr"], 0),  # every patch is half nucleus: no anchor patch at all
+        ("undecided", ["cons", "contr"], 0),  # nothing confident: no pseudo-label, no anchor, no bank entry
+    ],
+)
 def test_degenerate_unlabeled_batches_give_zero_not_nan(record, kind, zero_terms, n_anchors):
     terms, student = cdcl_terms(kind)
-    values = ", ".join(f"{name}={terms[name].item():.4g}" for name in ("cons", "ent", "contr", "stat/n_anchors", "stat/n_negatives"))
-    record("CDCL.losses", UNLABELED[kind], None, " and ".join(zero_terms) + " = 0", message=values,
-           outcome="finite terms and gradients")
+    values = ", ".join(
+        f"{name}={terms[name].item():.4g}" for name in ("cons", "ent", "contr", "stat/n_anchors", "stat/n_negatives")
+    )
+    record(
+        "CDCL.losses",
+        UNLABELED[kind],
+        None,
+        " and ".join(zero_terms) + " = 0",
+        message=values,
+        outcome="finite terms and gradients",
+    )
     for name, value in terms.items():
         assert torch.isfinite(value), f"{name} = {value}"
     for name in zero_terms:

@@ -28,15 +28,20 @@ def records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method, terms", [
-    ("supervised", {"sup"}),
-    ("mean_teacher", {"sup", "cons"}),
-    ("fixmatch", {"sup", "cons"}),
-    ("cdcl", {"sup", "cons", "ent", "contr"}),
-])
+@pytest.mark.parametrize(
+    "method, terms",
+    [
+        ("supervised", {"sup"}),
+        ("mean_teacher", {"sup", "cons"}),
+        ("fixmatch", {"sup", "cons"}),
+        ("cdcl", {"sup", "cons", "ent", "contr"}),
+    ],
+)
 def test_each_method_trains_and_logs_its_terms(tiny, tmp_path, method, terms):
     data, split = tiny
-    summary = train(load_config(None, tiny_overrides(data, split, method, iterations=4, **{"method.threshold": 0.0})), tmp_path)
+    summary = train(
+        load_config(None, tiny_overrides(data, split, method, iterations=4, **{"method.threshold": 0.0})), tmp_path
+    )
     assert summary["iterations"] == 4
     rows = [r for r in records(tmp_path) if "loss/total" in r]
     assert {f"loss/{t}" for t in terms} <= set(rows[-1]), rows[-1]  # after warm-up (2 iterations)
@@ -63,8 +68,15 @@ def test_a_log_window_across_the_end_of_warm_up_averages_each_term_over_its_own_
     logged = {}
     for every in (1, 3):
         run = tmp_path / f"every{every}"
-        train(load_config(None, tiny_overrides(data, split, "cdcl", iterations=3, **{"method.threshold": 0.0,
-                                                                                    "train.log_every": every})), run)
+        train(
+            load_config(
+                None,
+                tiny_overrides(
+                    data, split, "cdcl", iterations=3, **{"method.threshold": 0.0, "train.log_every": every}
+                ),
+            ),
+            run,
+        )
         logged[every] = next(r for r in records(run) if r["iteration"] == 3 and "loss/total" in r)
     for key in ("loss/cons", "loss/ent", "loss/contr", "stat/n_anchors"):
         assert logged[3][key] == pytest.approx(logged[1][key], rel=1e-6), key
@@ -99,6 +111,7 @@ def test_resume_reaches_the_same_weights(tiny, tmp_path, monkeypatch):
     for which in ("student", "teacher"):
         for key, value in a["weights"][which].items():
             assert torch.equal(value, b["weights"][which][key]), f"{which}.{key} differs after resume"
+
     def losses(run):
         return [{k: v for k, v in r.items() if k.startswith(("loss/", "val/", "iteration"))} for r in records(run)]
 
@@ -109,6 +122,7 @@ def test_nan_loss_stops_and_keeps_good_checkpoint(tiny, tmp_path, monkeypatch):
     data, split = tiny
     config = load_config(None, tiny_overrides(data, split, "supervised", iterations=6))
     from cdcl.methods.supervised import Supervised
+
     original = Supervised.losses
 
     def poisoned(self, student, teacher, labeled, unlabeled, step):
@@ -165,13 +179,33 @@ def test_resume_refuses_other_architecture(tiny, tmp_path):
 
 def test_ddp_two_processes_on_cpu(tiny, tmp_path):
     data, split = tiny
-    sets = [a for s in tiny_overrides(data, split, "cdcl", iterations=3, **{"method.threshold": 0.0}) for a in ("--set", s)]
+    sets = [
+        a for s in tiny_overrides(data, split, "cdcl", iterations=3, **{"method.threshold": 0.0}) for a in ("--set", s)
+    ]
     cfg = tmp_path / "c.yaml"
     cfg.write_text("")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                           "-m", "cdcl.cli", "train", "--config", str(cfg), "--out", str(tmp_path / "run"), *sets],
-                          capture_output=True, text=True, timeout=240, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29517",
+            "-m",
+            "cdcl.cli",
+            "train",
+            "--config",
+            str(cfg),
+            "--out",
+            str(tmp_path / "run"),
+            *sets,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     payload = load_checkpoint(tmp_path / "run" / "last.pt")
     assert payload["step"] == 3 and payload["complete"]
@@ -180,7 +214,11 @@ def test_ddp_two_processes_on_cpu(tiny, tmp_path):
 def test_ddp_skips_a_step_on_every_process_when_one_meets_a_nan(tiny, tmp_path):
     """Were only the process with the NaN to skip, the other's gradient all-reduce would wait for it forever."""
     data, split = tiny
-    sets = [a for s in tiny_overrides(data, split, "supervised", iterations=4, **{"train.on_nonfinite": "skip"}) for a in ("--set", s)]
+    sets = [
+        a
+        for s in tiny_overrides(data, split, "supervised", iterations=4, **{"train.on_nonfinite": "skip"})
+        for a in ("--set", s)
+    ]
     script = tmp_path / "nan_on_rank_1.py"
     script.write_text(
         "import math, os, sys\n"
@@ -193,13 +231,31 @@ def test_ddp_skips_a_step_on_every_process_when_one_meets_a_nan(tiny, tmp_path):
         "        terms['total'] = terms['total'] * math.nan\n"
         "    return terms\n"
         "Supervised.losses = poisoned\n"
-        "sys.exit(main(sys.argv[1:]))\n")
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
     cfg = tmp_path / "c.yaml"
     cfg.write_text("")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
-                           str(script), "train", "--config", str(cfg), "--out", str(tmp_path / "run"), *sets],
-                          capture_output=True, text=True, timeout=240, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29518",
+            str(script),
+            "train",
+            "--config",
+            str(cfg),
+            "--out",
+            str(tmp_path / "run"),
+            *sets,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "skipping iteration 2" in proc.stderr
     payload = load_checkpoint(tmp_path / "run" / "last.pt")

@@ -34,7 +34,10 @@ def test_workers_get_the_tiles_through_reused_blocks_and_none_is_left_behind():
     params = PostprocessParams()
     expected = [tile_nuclei_json(prob, image, params, core, box, 1.0) for prob, image, core, box in tiles()]
     assert all(json.loads(e) for e in expected)  # every tile holds nuclei
-    with ProcessPoolExecutor(1, mp_context=get_context("forkserver")) as pool, SharedTileHandoff(pool, tile_bytes(320)) as handoff:
+    with (
+        ProcessPoolExecutor(1, mp_context=get_context("forkserver")) as pool,
+        SharedTileHandoff(pool, tile_bytes(320)) as handoff,
+    ):
         got = []
         for _ in range(3):  # one at a time: each tile reuses the first block
             got += [handoff.submit(prob, image, params, core, box, 1.0).result() for prob, image, core, box in tiles()]
@@ -65,9 +68,17 @@ def test_shared_memory_room_is_checked_before_use(tmp_path):
 
 def test_blocks_of_dead_processes_are_removed_and_others_kept(tmp_path):
     """A killed process group leaves its blocks in /dev/shm (memory); the next run removes them."""
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     dead = int(gone.stdout)
-    names = [f"{PREFIX}{dead}-0a1b2c3d", f"{PREFIX}{os.getpid()}-0a1b2c3d", f"{PREFIX}1-0a1b2c3d", "psm_0a1b2c3d", f"{PREFIX}x-1"]
+    names = [
+        f"{PREFIX}{dead}-0a1b2c3d",
+        f"{PREFIX}{os.getpid()}-0a1b2c3d",
+        f"{PREFIX}1-0a1b2c3d",
+        "psm_0a1b2c3d",
+        f"{PREFIX}x-1",
+    ]
     for name in names:
         (tmp_path / name).write_bytes(b"tile")
     assert remove_orphaned_blocks(str(tmp_path)) == 1
@@ -76,7 +87,10 @@ def test_blocks_of_dead_processes_are_removed_and_others_kept(tmp_path):
 
 
 def test_blocks_are_named_for_their_process():
-    with ProcessPoolExecutor(1, mp_context=get_context("forkserver")) as pool, SharedTileHandoff(pool, tile_bytes(320)) as handoff:
+    with (
+        ProcessPoolExecutor(1, mp_context=get_context("forkserver")) as pool,
+        SharedTileHandoff(pool, tile_bytes(320)) as handoff,
+    ):
         prob, image, core, box = tiles()[0]
         handoff.submit(prob, image, PostprocessParams(), core, box, 1.0).result()
         assert handoff._blocks[0].name.startswith(f"{PREFIX}{os.getpid()}-")

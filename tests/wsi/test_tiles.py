@@ -52,12 +52,16 @@ def test_tiles_are_tissue_crops_of_the_slide_named_by_their_level_0_corner(tmp_p
     assert "4 tiles (0 written now, 4 already there)" in caplog.text
     assert main([*args, "--seed", "1", "--per-slide", "9"]) == 0 and len(positions(out, "slide")) > 4
     assert main([*args, "--size", "128"]) == 0  # another size: other files, not those of 256 px counted again
-    assert len(positions(out, "slide", "128px")) == 4 and all(p.shape == (128, 128, 3) for p in positions(out, "slide", "128px").values())
+    assert len(positions(out, "slide", "128px")) == 4 and all(
+        p.shape == (128, 128, 3) for p in positions(out, "slide", "128px").values()
+    )
 
     # the folder is the unlabeled half of a `folder` dataset beside one annotated image
     (tmp_path / "lab" / "masks").mkdir()
     Image.fromarray(mosaic[100:356, 100:356]).save(out / "annotated.png")
-    Image.fromarray((mosaic[100:356, 100:356, 0] < 120).astype(np.uint8)).save(tmp_path / "lab" / "masks" / "annotated.png")
+    Image.fromarray((mosaic[100:356, 100:356, 0] < 120).astype(np.uint8)).save(
+        tmp_path / "lab" / "masks" / "annotated.png"
+    )
     split = make_split(load_dataset(tmp_path / "lab", "folder"), 1.0, 0, val_fraction=0.0, test_fraction=0.0)
     assert split.labeled == ["annotated"] and len(split.unlabeled) == len(list(out.iterdir())) - 1
 
@@ -84,7 +88,9 @@ def test_a_slide_without_tissue_does_not_stop_the_others(tmp_path, mosaic, capsy
     assert len(positions(out, "a")) == len(positions(out, "c")) == 3
 
 
-def test_the_lab_recipe_runs_from_slides_and_annotated_tiles_to_nuclei_for_every_slide(tmp_path, shared_data, mosaic) -> None:
+def test_the_lab_recipe_runs_from_slides_and_annotated_tiles_to_nuclei_for_every_slide(
+    tmp_path, shared_data, mosaic
+) -> None:
     """The README's "your lab's data" commands, end to end on real MoNuSeg tissue: unlabeled tiles cut from two
     slides, annotated tiles beside them, split, a (very short) CDCL training, nuclei for both slides."""
     slides, lab = tmp_path / "slides", tmp_path / "lab"
@@ -97,20 +103,60 @@ def test_the_lab_recipe_runs_from_slides_and_annotated_tiles_to_nuclei_for_every
     for i, path in enumerate(sorted((train / "images").glob("*.tif"))[:10]):  # 10 annotated 128 px tiles
         crop = np.s_[128 * (i % 4) : 128 * (i % 4) + 128, 128 * (i % 4) : 128 * (i % 4) + 128]
         Image.fromarray(np.asarray(Image.open(path).convert("RGB"))[crop]).save(lab / "images" / f"a{i}.png")
-        Image.fromarray(np.asarray(Image.open(train / "masks" / f"{path.stem}.png"))[crop]).save(lab / "masks" / f"a{i}.png")
+        Image.fromarray(np.asarray(Image.open(train / "masks" / f"{path.stem}.png"))[crop]).save(
+            lab / "masks" / f"a{i}.png"
+        )
 
-    assert main(["tiles", str(slides), "--out", str(lab / "images"), "--tile-mpp", "0.25", "--size", "128", "--per-slide", "6"]) == 0
-    assert main(["split", str(lab), "--format", "folder", "--labeled", "1", "--seed", "0", "--out", str(lab / "split")]) == 0
-    counts = {name: len((lab / "split" / f"{name}.txt").read_text().split()) for name in ("labeled", "unlabeled", "val", "test")}
+    assert (
+        main(
+            [
+                "tiles",
+                str(slides),
+                "--out",
+                str(lab / "images"),
+                "--tile-mpp",
+                "0.25",
+                "--size",
+                "128",
+                "--per-slide",
+                "6",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["split", str(lab), "--format", "folder", "--labeled", "1", "--seed", "0", "--out", str(lab / "split")])
+        == 0
+    )
+    counts = {
+        name: len((lab / "split" / f"{name}.txt").read_text().split())
+        for name in ("labeled", "unlabeled", "val", "test")
+    }
     assert counts == {"labeled": 7, "unlabeled": 12, "val": 1, "test": 2}
 
     config = tmp_path / "empty.yaml"
     config.write_text("# every value comes from --set\n")
     overrides = tiny_overrides(lab, lab / "split", "cdcl", 4, **{"data.mpp": 0.25, "infer.window": 128})
-    assert_ok(run_cdcl("train", "--config", config, *[a for s in overrides for a in ("--set", s)], "--out", tmp_path / "run"))
+    assert_ok(
+        run_cdcl("train", "--config", config, *[a for s in overrides for a in ("--set", s)], "--out", tmp_path / "run")
+    )
     out = tmp_path / "nuclei"
-    assert_ok(run_cdcl("predict-wsi", "--checkpoint", tmp_path / "run" / "best.pt", slides, "--out", out, "--tile", "256",
-                       "--workers", "0", "--device", "cpu"))
+    assert_ok(
+        run_cdcl(
+            "predict-wsi",
+            "--checkpoint",
+            tmp_path / "run" / "best.pt",
+            slides,
+            "--out",
+            out,
+            "--tile",
+            "256",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        )
+    )
     for name in ("s1", "s2"):
         summary = json.loads((out / f"{name}_summary.json").read_text())
         assert summary["settings"]["checkpoint"]["path"] == str((tmp_path / "run" / "best.pt").resolve())

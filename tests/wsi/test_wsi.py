@@ -23,6 +23,7 @@ from cdcl.wsi.readers import ArrayReader, choose_level, open_slide, tissue_mask
 from cdcl.wsi.journal import Journal
 from cdcl.wsi.pipeline import predict_slide
 
+
 def read_csv(path) -> list[dict[str, float]]:
     with open(path, newline="") as fh:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
@@ -44,19 +45,32 @@ def checkpoint(tmp_path, monkeypatch) -> str:
     """A checkpoint path whose "loading" gives the stand-in predictor (dark pixels are nuclei)."""
     path = tmp_path / "model.pt"
     path.write_bytes(b"stand-in")
-    monkeypatch.setattr("cdcl.commands.predict_wsi.load_predictor", lambda path, device, batch_size: stand_in_predictor(window=256, batch_size=batch_size or 4))
+    monkeypatch.setattr(
+        "cdcl.commands.predict_wsi.load_predictor",
+        lambda path, device, batch_size: stand_in_predictor(window=256, batch_size=batch_size or 4),
+    )
     return str(path)
 
 
 def run_seam_slide(disc_slide, out, **kwargs) -> dict:
     image, _ = disc_slide
-    return predict_slide(stand_in_predictor(), ArrayReader(image, mpp=0.25), out, stem="discs", tile=128, halo=32, **{"workers": 0, **kwargs})
+    return predict_slide(
+        stand_in_predictor(),
+        ArrayReader(image, mpp=0.25),
+        out,
+        stem="discs",
+        tile=128,
+        halo=32,
+        **{"workers": 0, **kwargs},
+    )
 
 
 def test_seam_nuclei_come_out_once_and_whole(tmp_path, disc_slide) -> None:
     summary = run_seam_slide(disc_slide, tmp_path)
     rows = read_csv(tmp_path / "discs_nuclei.csv")
-    np.testing.assert_allclose(sorted((r["centroid_x"], r["centroid_y"], r["area"]) for r in rows), disc_slide[1], atol=1e-3)
+    np.testing.assert_allclose(
+        sorted((r["centroid_x"], r["centroid_y"], r["area"]) for r in rows), disc_slide[1], atol=1e-3
+    )
     assert [r["id"] for r in rows] == list(range(1, len(DISCS) + 1))
     assert summary["nuclei"] == len(DISCS)
     assert summary["tiles"]["tissue"] < summary["tiles"]["grid"] == 16  # white tiles skipped
@@ -65,16 +79,25 @@ def test_seam_nuclei_come_out_once_and_whole(tmp_path, disc_slide) -> None:
         shape = shapely.geometry.shape(feature["geometry"])
         assert row["area"] - 10 < shape.area <= row["area"]
         assert (shape.centroid.x, shape.centroid.y) == pytest.approx((row["centroid_x"], row["centroid_y"]), abs=0.05)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["discs.geojson", "discs_nuclei.csv", "discs_overlay.png", "discs_summary.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "discs.geojson",
+        "discs_nuclei.csv",
+        "discs_overlay.png",
+        "discs_summary.json",
+    ]
 
 
 def test_two_slides_share_an_output_folder(tmp_path, disc_slide) -> None:
     image, _ = disc_slide
     for stem, crop in (("left", image[:, :256]), ("right", image[:, 256:])):
-        predict_slide(stand_in_predictor(), ArrayReader(crop, mpp=0.25), tmp_path, stem=stem, tile=128, halo=32, workers=0)
+        predict_slide(
+            stand_in_predictor(), ArrayReader(crop, mpp=0.25), tmp_path, stem=stem, tile=128, halo=32, workers=0
+        )
     left, right = (json.loads((tmp_path / f"{s}_summary.json").read_text()) for s in ("left", "right"))
     assert left["nuclei"] + right["nuclei"] > 0 and left["level0_size"][0] == image.shape[1] - right["level0_size"][0]
-    assert {p.suffix for p in tmp_path.iterdir()} == {".geojson", ".csv", ".png", ".json"} and len(list(tmp_path.iterdir())) == 8
+    assert {p.suffix for p in tmp_path.iterdir()} == {".geojson", ".csv", ".png", ".json"} and len(
+        list(tmp_path.iterdir())
+    ) == 8
 
 
 def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tmp_path, disc_slide) -> None:
@@ -83,7 +106,9 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tmp_p
 
     with open(tmp_path / ".discs.lock", "a") as held:  # as the first run holds it
         fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(CdclError, match="another cdcl predict-wsi is writing the outputs of 'discs' in this folder"):
+        with pytest.raises(
+            CdclError, match="another cdcl predict-wsi is writing the outputs of 'discs' in this folder"
+        ):
             run_seam_slide(disc_slide, tmp_path)
     assert not (tmp_path / "discs.partial").exists()
     assert run_seam_slide(disc_slide, tmp_path)["nuclei"] == len(DISCS)  # once it is released
@@ -94,10 +119,20 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tmp_p
 def test_worker_processes_give_the_same_result(tmp_path, disc_slide, monkeypatch, caplog, shared_memory) -> None:
     """Inline, and with workers fed through shared memory or (a full /dev/shm) through the pool's pipe."""
     image, _ = disc_slide
-    predict_slide(stand_in_predictor(), ArrayReader(image, mpp=0.25), tmp_path / "a", stem="discs", tile=128, halo=32, workers=0)
+    predict_slide(
+        stand_in_predictor(), ArrayReader(image, mpp=0.25), tmp_path / "a", stem="discs", tile=128, halo=32, workers=0
+    )
     monkeypatch.setattr(cdcl.wsi.pipeline, "shared_memory_fits", lambda total: shared_memory)
     with caplog.at_level(logging.INFO, logger="cdcl.wsi.pipeline"):
-        predict_slide(stand_in_predictor(), ArrayReader(image, mpp=0.25), tmp_path / "b", stem="discs", tile=128, halo=32, workers=2)
+        predict_slide(
+            stand_in_predictor(),
+            ArrayReader(image, mpp=0.25),
+            tmp_path / "b",
+            stem="discs",
+            tile=128,
+            halo=32,
+            workers=2,
+        )
     assert ("through a pipe" in caplog.text) is not shared_memory
     for name in ("discs.geojson", "discs_nuclei.csv"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
@@ -184,7 +219,9 @@ def test_choose_level_prefers_the_closest_level_without_upsampling() -> None:
 
 def test_resized_working_resolution_keeps_level_0_coordinates(tmp_path, disc_slide) -> None:
     image, expected = disc_slide
-    summary = predict_slide(stand_in_predictor(mpp=0.35), ArrayReader(image, mpp=0.25), tmp_path, stem="r", tile=128, halo=32, workers=0)
+    summary = predict_slide(
+        stand_in_predictor(mpp=0.35), ArrayReader(image, mpp=0.25), tmp_path, stem="r", tile=128, halo=32, workers=0
+    )
     assert summary["level"] == 0 and summary["level0_px_per_working_px"] == pytest.approx(1.4)
     rows = sorted((r["centroid_x"], r["centroid_y"], r["area"]) for r in read_csv(tmp_path / "r_nuclei.csv"))
     assert len(rows) == len(expected)
@@ -196,7 +233,11 @@ def test_tissue_mask_keeps_tissue_and_skips_background(mosaic) -> None:
     mask = tissue_mask(mosaic)
     assert mask[100:-100, 100:-100].mean() > 0.9
     assert mask[:90].mean() == mask[:, :90].mean() == 0
-    for blank in (np.full((50, 60, 3), 255, np.uint8), np.zeros((50, 60, 3), np.uint8), np.full((50, 60, 3), 180, np.uint8)):
+    for blank in (
+        np.full((50, 60, 3), 255, np.uint8),
+        np.zeros((50, 60, 3), np.uint8),
+        np.full((50, 60, 3), 180, np.uint8),
+    ):
         with pytest.raises(CdclError, match="no tissue"):
             tissue_mask(blank, "blank.svs")
 
@@ -209,7 +250,9 @@ def test_pyramidal_tiff_reads_through_openslide_with_its_mpp(tmp_path, mosaic) -
     assert reader.dimensions == (1200, 1000) and reader.level_dimensions == ((1200, 1000), (600, 500))
     np.testing.assert_array_equal(reader.read_region(0, 1100, 900, 200, 150)[:100, :100], mosaic[900:, 1100:])
     assert (reader.read_region(0, 1100, 900, 200, 150)[100:] == 255).all()  # outside the slide: white
-    np.testing.assert_array_equal(reader.read_region(1, 10, 20, 30, 40), ArrayReader(mosaic, 0.25).read_region(1, 10, 20, 30, 40))
+    np.testing.assert_array_equal(
+        reader.read_region(1, 10, 20, 30, 40), ArrayReader(mosaic, 0.25).read_region(1, 10, 20, 30, 40)
+    )
     assert open_slide(path, mpp_override=0.5).mpp == 0.5
     assert reader.reopen().read_region(0, 0, 0, 5, 5).shape == (5, 5, 3)
     assert max(reader.thumbnail(256).shape[:2]) == 256
@@ -246,7 +289,20 @@ def test_predict_wsi_cli_on_a_monuseg_pyramid(tmp_path, mosaic, checkpoint, capl
     slide = write_pyramid(tmp_path / "mono.tif", mosaic, mpp=0.25, compression="jpeg")
     out = tmp_path / "out"
     with caplog.at_level(logging.INFO):
-        code = main(["predict-wsi", "--checkpoint", checkpoint, str(slide), "--out", str(out), "--tile", "512", "--workers", "0"])
+        code = main(
+            [
+                "predict-wsi",
+                "--checkpoint",
+                checkpoint,
+                str(slide),
+                "--out",
+                str(out),
+                "--tile",
+                "512",
+                "--workers",
+                "0",
+            ]
+        )
     assert code == 0
     summary = json.loads((out / "mono_summary.json").read_text())
     assert summary["tiles"]["grid"] == summary["tiles"]["tissue"] == 6  # 100 px margins: every tile has tissue
@@ -265,22 +321,39 @@ def test_predict_wsi_takes_a_folder_of_slides_and_skips_the_finished_ones(tmp_pa
     for stem, crop in (("left", mosaic[:, :600]), ("right", mosaic[:, 600:])):
         write_pyramid(folder / f"{stem}.tif", crop, mpp=0.25)
     (folder / "notes.txt").write_text("scanned 2026-11-26\n")
-    args = ["predict-wsi", "--checkpoint", checkpoint, str(folder), "--out", str(out), "--tile", "256", "--workers", "0"]
+    args = [
+        "predict-wsi",
+        "--checkpoint",
+        checkpoint,
+        str(folder),
+        "--out",
+        str(out),
+        "--tile",
+        "256",
+        "--workers",
+        "0",
+    ]
     with caplog.at_level(logging.INFO):
         assert main(args) == 0
     assert "skipping" in caplog.text and "notes.txt" in caplog.text and "slide 2 of 2" in caplog.text
     summaries = {stem: json.loads((out / f"{stem}_summary.json").read_text()) for stem in ("left", "right")}
-    assert all(s["nuclei"] > 100 and s["tiles"]["predicted_now"] == s["tiles"]["tissue"] > 0 for s in summaries.values())
+    assert all(
+        s["nuclei"] > 100 and s["tiles"]["predicted_now"] == s["tiles"]["tissue"] > 0 for s in summaries.values()
+    )
     assert summaries["left"]["settings"]["slide"]["path"] == str((folder / "left.tif").resolve())
     assert "2 slides, %d nuclei" % sum(s["nuclei"] for s in summaries.values()) in caplog.text
     written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    assert sorted(written) == sorted(f"{stem}{suffix}" for stem in ("left", "right") for suffix in cdcl.wsi.pipeline.OUTPUTS)
+    assert sorted(written) == sorted(
+        f"{stem}{suffix}" for stem in ("left", "right") for suffix in cdcl.wsi.pipeline.OUTPUTS
+    )
 
     # journals as left by a run killed between writing its summary and removing them: the right slide's, with
     # the same settings, goes; one of another tiling, still resumable, stays
     for stem, tile in (("right", 256), ("left", 512)):
         (out / f"{stem}.partial").mkdir()
-        (out / f"{stem}.partial" / "run.json").write_text(json.dumps({**summaries[stem]["settings"], "tile": tile, "tiles": []}))
+        (out / f"{stem}.partial" / "run.json").write_text(
+            json.dumps({**summaries[stem]["settings"], "tile": tile, "tiles": []})
+        )
     os.utime(folder / "left.tif", ns=(1, 1))  # the left slide is replaced: its old outputs no longer apply
     caplog.clear()
     with caplog.at_level(logging.INFO):
@@ -288,7 +361,9 @@ def test_predict_wsi_takes_a_folder_of_slides_and_skips_the_finished_ones(tmp_pa
     assert "right.tif: already done" in caplog.text and "left.tif: already done" not in caplog.text
     assert (out / "right_nuclei.csv").stat().st_mtime_ns == written["right_nuclei.csv"]  # not rewritten
     assert (out / "left_nuclei.csv").stat().st_mtime_ns > written["left_nuclei.csv"]
-    assert not (out / "right.partial").exists() and not (out / "left.partial").exists()  # the left one: restarted, then done
+    assert (
+        not (out / "right.partial").exists() and not (out / "left.partial").exists()
+    )  # the left one: restarted, then done
 
 
 def test_a_slide_that_fails_midway_does_not_stop_the_others(tmp_path, mosaic, checkpoint, capsys) -> None:
@@ -298,12 +373,25 @@ def test_a_slide_that_fails_midway_does_not_stop_the_others(tmp_path, mosaic, ch
     write_pyramid(folder / "a.tif", mosaic[:, :600], mpp=0.25)
     write_pyramid(folder / "b.tif", np.full((600, 600, 3), 255, np.uint8), mpp=0.25)  # blank: no tissue
     write_pyramid(folder / "c.tif", mosaic[:, 600:], mpp=0.25)
-    args = ["predict-wsi", "--checkpoint", checkpoint, str(folder), "--out", str(out), "--tile", "256", "--workers", "0"]
+    args = [
+        "predict-wsi",
+        "--checkpoint",
+        checkpoint,
+        str(folder),
+        "--out",
+        str(out),
+        "--tile",
+        "256",
+        "--workers",
+        "0",
+    ]
     for _ in range(2):  # the re-run skips a and c and fails on b again
         assert main(args) == 2
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("cdcl predict-wsi: error: 1 of 3 slides failed") and "b.tif: no tissue found" in last
-        assert sorted(p.name for p in out.iterdir()) == sorted(f"{s}{x}" for s in "ac" for x in cdcl.wsi.pipeline.OUTPUTS)
+        assert sorted(p.name for p in out.iterdir()) == sorted(
+            f"{s}{x}" for s in "ac" for x in cdcl.wsi.pipeline.OUTPUTS
+        )
 
 
 def test_a_summary_only_vouches_for_outputs_of_its_own_run(tmp_path, mosaic, checkpoint, monkeypatch, caplog) -> None:
@@ -342,7 +430,9 @@ def test_a_summary_only_vouches_for_outputs_of_its_own_run(tmp_path, mosaic, che
     assert summary["tile"] == 256 and summary["nuclei"] == len(check_geojson(out / "s.geojson")["features"])
 
 
-def test_every_slide_of_a_batch_records_the_checkpoint_that_predicted_it(tmp_path, mosaic, checkpoint, monkeypatch) -> None:
+def test_every_slide_of_a_batch_records_the_checkpoint_that_predicted_it(
+    tmp_path, mosaic, checkpoint, monkeypatch
+) -> None:
     """A checkpoint rewritten during a batch (training still saving best.pt) must not be named by later slides."""
     for stem in ("a", "b"):
         write_pyramid(tmp_path / f"{stem}.tif", mosaic[:300, :300], mpp=0.25)
@@ -356,7 +446,20 @@ def test_every_slide_of_a_batch_records_the_checkpoint_that_predicted_it(tmp_pat
 
     monkeypatch.setattr(cdcl.commands.predict_wsi, "predict_slide", predict_slide)
     size = os.path.getsize(checkpoint)
-    assert main(["predict-wsi", "--checkpoint", checkpoint, str(tmp_path / "a.tif"), str(tmp_path / "b.tif"), "--out", str(tmp_path / "o")]) == 0
+    assert (
+        main(
+            [
+                "predict-wsi",
+                "--checkpoint",
+                checkpoint,
+                str(tmp_path / "a.tif"),
+                str(tmp_path / "b.tif"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 0
+    )
     assert [key["bytes"] for key in keys] == [size, size]
 
 
@@ -370,14 +473,22 @@ def test_the_resume_key_holds_the_device_and_precision(tmp_path, mosaic, checkpo
         return {"nuclei": 0, "tiles": {"tissue": 0}, "seconds": 0.0, "megapixels_per_s": None}
 
     monkeypatch.setattr(cdcl.commands.predict_wsi, "predict_slide", predict_slide)
-    assert main(["predict-wsi", "--checkpoint", checkpoint, str(slide), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert (
+        main(["predict-wsi", "--checkpoint", checkpoint, str(slide), "--out", str(tmp_path / "out"), "--device", "cpu"])
+        == 0
+    )
     assert keys[0]["device"] == "cpu" and keys[0]["amp"] is False and keys[0]["mpp"] == pytest.approx(0.25)
 
 
 @pytest.mark.parametrize(
     "case,message",
-    [("unreadable", "cannot read slide"), ("no_mpp", "pass --mpp"), ("blank", "no tissue found"),
-     ("unwritable", "cannot create output folder"), ("missing", "no such file or folder")],
+    [
+        ("unreadable", "cannot read slide"),
+        ("no_mpp", "pass --mpp"),
+        ("blank", "no tissue found"),
+        ("unwritable", "cannot create output folder"),
+        ("missing", "no such file or folder"),
+    ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, checkpoint, capsys, case, message) -> None:
     slide, out = tmp_path / "slide.tif", tmp_path / "out"
@@ -420,15 +531,41 @@ def test_a_real_checkpoint_predicts_images_and_slides(tmp_path, mosaic) -> None:
 
     config = load_config(None, [*TINY_MODEL, "infer.window=128", "model.pretrained=false", "data.mpp=0.5"])
     checkpoint = str(tmp_path / "tiny.pt")
-    save_checkpoint(checkpoint, {"config": config.to_dict(), "weights": {"student": build_model(config.model).state_dict()},
-                                 "postprocess": PostprocessParams().to_dict()})
+    save_checkpoint(
+        checkpoint,
+        {
+            "config": config.to_dict(),
+            "weights": {"student": build_model(config.model).state_dict()},
+            "postprocess": PostprocessParams().to_dict(),
+        },
+    )
     image = tmp_path / "tile.png"
     Image.fromarray(mosaic[100:300, 100:330]).save(image)
-    assert main(["predict", "--checkpoint", checkpoint, str(image), "--out", str(tmp_path / "p"), "--device", "cpu"]) == 0
+    assert (
+        main(["predict", "--checkpoint", checkpoint, str(image), "--out", str(tmp_path / "p"), "--device", "cpu"]) == 0
+    )
     assert np.asarray(Image.open(tmp_path / "p" / "tile_labels.png")).shape == (200, 230)
     slide = write_pyramid(tmp_path / "slide.tif", mosaic[:512, :768], mpp=0.25)
     out = tmp_path / "w"
-    assert main(["predict-wsi", "--checkpoint", checkpoint, str(slide), "--out", str(out), "--tile", "256", "--workers", "0", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict-wsi",
+                "--checkpoint",
+                checkpoint,
+                str(slide),
+                "--out",
+                str(out),
+                "--tile",
+                "256",
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "slide_summary.json").read_text())
     assert summary["level"] == 1 and summary["working_mpp"] == 0.5  # the checkpoint's resolution picks level 1
     assert summary["tiles"]["tissue"] == 2

@@ -37,24 +37,47 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = _file_key(args.checkpoint)  # the file loaded now, whatever becomes of it during a long batch
     predictor = load_predictor(args.checkpoint, device=args.device, batch_size=args.batch_size)
     if _file_key(args.checkpoint) != checkpoint:
-        raise CdclError("the checkpoint changed while it was being loaded (a training run saving it?); run again", args.checkpoint)
+        raise CdclError(
+            "the checkpoint changed while it was being loaded (a training run saving it?); run again", args.checkpoint
+        )
     if predictor.mpp is None:
-        log.info("the checkpoint stores no training resolution: predicting at the slides' level 0%s",
-                 " (--mpp only reported)" if args.mpp is not None else "")
+        log.info(
+            "the checkpoint stores no training resolution: predicting at the slides' level 0%s",
+            " (--mpp only reported)" if args.mpp is not None else "",
+        )
     readers = open_slides(paths, args.mpp, predictor.mpp)
     slides = {reader.name: _file_key(reader.name) for reader in readers}
     out_dir = ensure_writable_dir(args.out)
     nuclei = []
 
     def predict_one(reader: SlideReader) -> None:
-        run_key = {"slide": slides[reader.name], "checkpoint": checkpoint, "mpp": reader.mpp,
-                   "device": predictor.device.type, "amp": predictor.amp}  # a resumed run must not mix GPU and CPU tiles
-        summary = predict_slide(predictor, reader, out_dir, stem=Path(reader.name).stem, tile=args.tile, halo=args.halo,
-                                workers=args.workers, run_key=run_key)
+        run_key = {
+            "slide": slides[reader.name],
+            "checkpoint": checkpoint,
+            "mpp": reader.mpp,
+            "device": predictor.device.type,
+            "amp": predictor.amp,
+        }  # a resumed run must not mix GPU and CPU tiles
+        summary = predict_slide(
+            predictor,
+            reader,
+            out_dir,
+            stem=Path(reader.name).stem,
+            tile=args.tile,
+            halo=args.halo,
+            workers=args.workers,
+            run_key=run_key,
+        )
         nuclei.append(summary["nuclei"])
         if not summary.get("skipped"):
-            log.info("%d nuclei in %d tiles, %.1f s (%s megapixels/s) -> %s", summary["nuclei"],
-                     summary["tiles"]["tissue"], summary["seconds"], summary["megapixels_per_s"], out_dir)
+            log.info(
+                "%d nuclei in %d tiles, %.1f s (%s megapixels/s) -> %s",
+                summary["nuclei"],
+                summary["tiles"]["tissue"],
+                summary["seconds"],
+                summary["megapixels_per_s"],
+                out_dir,
+            )
 
     for_each_slide(readers, predict_one)
     if len(readers) > 1:

@@ -100,13 +100,26 @@ class UnlabeledSet(_ItemSet):
         return {"weak": torch.from_numpy(weak), "strong": torch.from_numpy(strong)}
 
 
-def stream_loader(dataset: Dataset, batch_size: int, *, seed: int, start_batch: int, num_workers: int,
-                  rank: int = 0, world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+def stream_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    seed: int,
+    start_batch: int,
+    num_workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[dict[str, torch.Tensor]]:
     """An endless iterator of batches starting at batch ``start_batch`` of this rank's stream."""
     sampler = SeededStreamSampler(len(dataset), seed, start=start_batch * batch_size, rank=rank, world_size=world_size)
     # Its own generator: creating the loader must not consume the global RNG that dropout draws from.
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        persistent_workers=num_workers > 0, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
     return from_workers(loader)
-

@@ -148,8 +148,10 @@ def require_masks(items: Iterable[Item], source: str | Path | None = None) -> No
     labeled); the error names ``source`` (the list file) when given, else that item's image."""
     missing = [item for item in items if not item.has_mask]
     if missing:
-        raise CdclError(f"item '{missing[0].name}' has no mask ({len(missing)} unannotated items in a list that needs "
-                        "masks)", source or missing[0].image_path)
+        raise CdclError(
+            f"item '{missing[0].name}' has no mask ({len(missing)} unannotated items in a list that needs masks)",
+            source or missing[0].image_path,
+        )
 
 
 class NucleiDataset(Sequence[Item]):

@@ -36,8 +36,9 @@ def views_grid(items: list[tuple[np.ndarray, np.ndarray | None]], cfg: AugmentCo
     return _titles(grid, step)
 
 
-def _row_views(image: np.ndarray, instances: np.ndarray | None, cfg: AugmentConfig,
-               rng: np.random.Generator) -> list[np.ndarray]:
+def _row_views(
+    image: np.ndarray, instances: np.ndarray | None, cfg: AugmentConfig, rng: np.random.Generator
+) -> list[np.ndarray]:
     size = cfg.crop_size
     if instances is None:
         labeled = np.full((size, size, 3), _BLANK, np.uint8)

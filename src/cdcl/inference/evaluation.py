@@ -26,8 +26,9 @@ from cdcl.viz import GT_COLOUR, overlay_contours, PRED_COLOUR
 SUMMARY_KEYS = SCORE_KEYS  # the scores a table shows: every one the metrics compute
 
 
-def evaluate_items(predictor: Predictor, items: list, out_dir: str | Path, *, overlays: bool = True,
-                   progress: bool | None = None) -> dict:
+def evaluate_items(
+    predictor: Predictor, items: list, out_dir: str | Path, *, overlays: bool = True, progress: bool | None = None
+) -> dict:
     """Evaluate ``items`` (each with ``.image`` and ``.instances``); write metrics.json, per_image.csv, overlays."""
     out_dir = ensure_writable_dir(out_dir)
     if not items:
@@ -46,8 +47,10 @@ def evaluate_items(predictor: Predictor, items: list, out_dir: str | Path, *, ov
             scores = evaluate_pair(gt, pred)
             rows.append({"name": item.name, **scores})
             if overlays:
-                save_png(stage / "overlays" / f"{_safe(item.name)}.png",
-                         overlay_contours(image, [(gt, GT_COLOUR), (pred, PRED_COLOUR)]))
+                save_png(
+                    stage / "overlays" / f"{_safe(item.name)}.png",
+                    overlay_contours(image, [(gt, GT_COLOUR), (pred, PRED_COLOUR)]),
+                )
         result = aggregate([{k: v for k, v in r.items() if k != "name"} for r in rows])
         result["postprocess"] = predictor.postprocess.to_dict()
         result["legend"] = {"ground_truth": "green", "prediction": "yellow"}
@@ -79,4 +82,6 @@ def _csv(rows: list[dict]) -> str:
 def format_table(results: dict[str, dict], keys: tuple[str, ...] = SUMMARY_KEYS) -> str:
     """Markdown table of per-image mean metrics, one row per named result."""
     head = "| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
-    return head + "".join(f"| {name} | " + " | ".join(f"{r['mean'][k]:.3f}" for k in keys) + " |\n" for name, r in results.items())
+    return head + "".join(
+        f"| {name} | " + " | ".join(f"{r['mean'][k]:.3f}" for k in keys) + " |\n" for name, r in results.items()
+    )

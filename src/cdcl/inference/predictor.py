@@ -48,7 +48,9 @@ def model_from_checkpoint(payload: dict[str, Any], path: str | Path, weights: st
         model.load_state_dict(state, strict=True)
     except (KeyError, RuntimeError) as exc:
         detail = squashed(exc, 200)
-        raise CdclError(f"checkpoint weights do not match its model '{config.model.encoder}' ({detail})", path) from None
+        raise CdclError(
+            f"checkpoint weights do not match its model '{config.model.encoder}' ({detail})", path
+        ) from None
     return model
 
 
@@ -63,9 +65,17 @@ def load_predictor(path: str | Path, device: str = "auto", batch_size: int | Non
         raise CdclError(f"checkpoint metadata is invalid ({exc})", path) from None
     dev = resolve_device(device)
     model = model_from_checkpoint(payload, path).to(dev).eval()
-    return Predictor(model=model, device=dev, postprocess=params, mpp=config.data.mpp, window=config.infer.window,
-                     overlap=config.infer.overlap, batch_size=windows_per_batch(batch_size, config.infer.batch_size, dev),
-                     amp=config.train.amp and dev.type == "cuda", config=config)
+    return Predictor(
+        model=model,
+        device=dev,
+        postprocess=params,
+        mpp=config.data.mpp,
+        window=config.infer.window,
+        overlap=config.infer.overlap,
+        batch_size=windows_per_batch(batch_size, config.infer.batch_size, dev),
+        amp=config.train.amp and dev.type == "cuda",
+        config=config,
+    )
 
 
 def predict_instances(predictor: Predictor, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

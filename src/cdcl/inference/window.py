@@ -80,7 +80,9 @@ def pad_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
     statistics closer to tissue than zeros would)."""
     if image.shape[0] >= height and image.shape[1] >= width:
         return image
-    return np.pad(image, ((0, max(0, height - image.shape[0])), (0, max(0, width - image.shape[1])), (0, 0)), mode="reflect")
+    return np.pad(
+        image, ((0, max(0, height - image.shape[0])), (0, max(0, width - image.shape[1])), (0, 0)), mode="reflect"
+    )
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -146,7 +148,9 @@ def start_probability(
     padded = pad_to(image, win_h, win_w)
     device = torch.device(device) if device is not None else _model_device(model)
     stitch = device if padded.shape[0] * padded.shape[1] <= STITCH_ON_DEVICE_PIXELS else torch.device("cpu")
-    pixels = _upload(torch.from_numpy(padded if padded.flags.writeable else padded.copy()), stitch)  # torch wants writable
+    pixels = _upload(
+        torch.from_numpy(padded if padded.flags.writeable else padded.copy()), stitch
+    )  # torch wants writable
     weight, weight_stitch = _weight_on(device, win_h, win_w), _weight_on(stitch, win_h, win_w)
     representation = getattr(model, "representation", "binary")
     channels = () if representation == "binary" else (2,)

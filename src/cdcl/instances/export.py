@@ -25,7 +25,16 @@ from cdcl.io import atomic_path, save_png
 from cdcl.instances.outlines import label_outlines
 
 NUCLEUS_COLUMNS = (
-    "id", "centroid_x", "centroid_y", "area", "perimeter", "eccentricity", "mean_intensity", "mean_r", "mean_g", "mean_b",
+    "id",
+    "centroid_x",
+    "centroid_y",
+    "area",
+    "perimeter",
+    "eccentricity",
+    "mean_intensity",
+    "mean_r",
+    "mean_g",
+    "mean_b",
 )
 NUCLEUS_COLOR = (220, 40, 40)
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 grey, as Pillow's "L" conversion
@@ -73,7 +82,12 @@ def label_perimeters(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     padded = np.pad(labels, 1)
     core = padded[1:-1, 1:-1]
-    interior = (padded[:-2, 1:-1] == core) & (padded[2:, 1:-1] == core) & (padded[1:-1, :-2] == core) & (padded[1:-1, 2:] == core)
+    interior = (
+        (padded[:-2, 1:-1] == core)
+        & (padded[2:, 1:-1] == core)
+        & (padded[1:-1, :-2] == core)
+        & (padded[1:-1, 2:] == core)
+    )
     border = np.zeros(padded.shape, bool)
     border[1:-1, 1:-1] = (core != 0) & ~interior
     flat, border = padded.ravel(), border.ravel()
@@ -112,7 +126,9 @@ def _moments(labels: np.ndarray, ids: np.ndarray, area: np.ndarray) -> tuple[np.
     return rows, cols, mean(r * r * n) - rows**2, mean(sum_cc) - cols**2, mean(r * sum_c) - rows * cols
 
 
-def nuclei_table(labels: np.ndarray, image: np.ndarray, offset: tuple[float, float] = (0, 0), scale: float = 1.0) -> list[dict[str, Any]]:
+def nuclei_table(
+    labels: np.ndarray, image: np.ndarray, offset: tuple[float, float] = (0, 0), scale: float = 1.0
+) -> list[dict[str, Any]]:
     """One row per nucleus (columns ``NUCLEUS_COLUMNS``): centroid in level-0 px, area (px²) and perimeter (px)
     in level-0 px, eccentricity, and the mean grey (``mean_intensity``) and RGB values of its pixels (0-255).
 
@@ -146,7 +162,9 @@ def nuclei_table(labels: np.ndarray, image: np.ndarray, offset: tuple[float, flo
     return [dict(zip(NUCLEUS_COLUMNS, row)) for row in zip(*values)]
 
 
-def nuclei_polygons(labels: np.ndarray, offset: tuple[float, float] = (0, 0), scale: float = 1.0) -> list[tuple[int, Ring]]:
+def nuclei_polygons(
+    labels: np.ndarray, offset: tuple[float, float] = (0, 0), scale: float = 1.0
+) -> list[tuple[int, Ring]]:
     """``(id, ring)`` per nucleus (ascending id): its outer boundary as a closed ring of (x, y) level-0 coordinates.
 
     The ring is the 0.5 iso-line of the nucleus mask as ``skimage.measure.find_contours`` traces it on the
@@ -163,9 +181,9 @@ def nuclei_polygons(labels: np.ndarray, offset: tuple[float, float] = (0, 0), sc
     return [(nucleus_id, coords[end - size : end]) for nucleus_id, end, size in zip(ids.tolist(), ends, sizes.tolist())]
 
 
-
-
-def nucleus_feature(ring: Ring, measurements: dict[str, Any], source: str, classification: str = "Nucleus") -> dict[str, Any]:
+def nucleus_feature(
+    ring: Ring, measurements: dict[str, Any], source: str, classification: str = "Nucleus"
+) -> dict[str, Any]:
     """A QuPath detection Feature; its id is a UUID derived from ``source`` and the nucleus id (reproducible)."""
     return {
         "type": "Feature",
@@ -195,7 +213,9 @@ def geojson_stream(path: str | Path) -> Iterator[Callable[[dict[str, Any]], None
 
 
 @contextlib.contextmanager
-def csv_stream(path: str | Path, columns: tuple[str, ...] = NUCLEUS_COLUMNS) -> Iterator[Callable[[dict[str, Any]], Any]]:
+def csv_stream(
+    path: str | Path, columns: tuple[str, ...] = NUCLEUS_COLUMNS
+) -> Iterator[Callable[[dict[str, Any]], Any]]:
     """Yield ``add(row)``; the CSV (header always, even without rows) appears at ``path`` only complete."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
@@ -203,7 +223,12 @@ def csv_stream(path: str | Path, columns: tuple[str, ...] = NUCLEUS_COLUMNS) -> 
         yield writer.writerow
 
 
-def write_geojson(path: str | Path, polygons: list[tuple[int, Ring]], measurements: list[dict[str, Any]], classification: str = "Nucleus") -> None:
+def write_geojson(
+    path: str | Path,
+    polygons: list[tuple[int, Ring]],
+    measurements: list[dict[str, Any]],
+    classification: str = "Nucleus",
+) -> None:
     """QuPath-compatible GeoJSON of nuclei: each polygon with the measurement row of the same id."""
     rows = {row["id"]: row for row in measurements}
     with geojson_stream(path) as add:
@@ -224,11 +249,12 @@ def write_label_map(path: str | Path, labels: np.ndarray) -> None:
     suffix = path.suffix.lower()
     if suffix == ".png":
         if labels.size and labels.max() > np.iinfo(np.uint16).max:
-            raise CdclError(f"{int(labels.max())} nuclei do not fit a 16-bit PNG; write the labels-tiff format instead", path)
+            raise CdclError(
+                f"{int(labels.max())} nuclei do not fit a 16-bit PNG; write the labels-tiff format instead", path
+            )
         save_png(path, labels.astype(np.uint16))
     elif suffix in (".tif", ".tiff"):
         with atomic_path(path) as tmp:
             tifffile.imwrite(tmp, labels.astype(np.uint32), compression="zlib")
     else:
         raise ValueError(f"label maps are written as .png or .tif, not {suffix!r}")
-

@@ -16,10 +16,20 @@ from scipy.sparse.csgraph import connected_components
 # second one (slot 1) for the saddles 6 and 9, between the midpoints of the cell's top, bottom, left, right sides.
 _TOP, _BOTTOM, _LEFT, _RIGHT = range(4)
 _CASE_SEGMENTS = {
-    1: [(_TOP, _LEFT)], 2: [(_RIGHT, _TOP)], 3: [(_RIGHT, _LEFT)], 4: [(_LEFT, _BOTTOM)], 5: [(_TOP, _BOTTOM)],
-    6: [(_LEFT, _TOP), (_RIGHT, _BOTTOM)], 7: [(_RIGHT, _BOTTOM)], 8: [(_BOTTOM, _RIGHT)],
-    9: [(_TOP, _RIGHT), (_BOTTOM, _LEFT)], 10: [(_BOTTOM, _TOP)], 11: [(_BOTTOM, _LEFT)], 12: [(_LEFT, _RIGHT)],
-    13: [(_TOP, _RIGHT)], 14: [(_LEFT, _TOP)],
+    1: [(_TOP, _LEFT)],
+    2: [(_RIGHT, _TOP)],
+    3: [(_RIGHT, _LEFT)],
+    4: [(_LEFT, _BOTTOM)],
+    5: [(_TOP, _BOTTOM)],
+    6: [(_LEFT, _TOP), (_RIGHT, _BOTTOM)],
+    7: [(_RIGHT, _BOTTOM)],
+    8: [(_BOTTOM, _RIGHT)],
+    9: [(_TOP, _RIGHT), (_BOTTOM, _LEFT)],
+    10: [(_BOTTOM, _TOP)],
+    11: [(_BOTTOM, _LEFT)],
+    12: [(_LEFT, _RIGHT)],
+    13: [(_TOP, _RIGHT)],
+    14: [(_LEFT, _TOP)],
 }
 _SEGMENT_SIDES = np.zeros((2, 16, 2), np.intp)  # [slot, case] -> (from side, to side)
 for _case, _segments in _CASE_SEGMENTS.items():
@@ -98,7 +108,9 @@ def label_outlines(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     turns = _TURNS[32 * code[predecessor] + code]  # the segment's start is a corner of the outline
 
     # contours: cycles of segments; per label the longest, the first processed among equals
-    n_cycles, cycle = connected_components(csr_matrix((np.ones(n, bool), successor, np.arange(n + 1)), shape=(n, n)), connection="weak")
+    n_cycles, cycle = connected_components(
+        csr_matrix((np.ones(n, bool), successor, np.arange(n + 1)), shape=(n, n)), connection="weak"
+    )
     length = np.bincount(cycle)
     first_order, last_order = np.full(n_cycles, 2 * len(base)), np.full(n_cycles, -1)
     np.minimum.at(first_order, cycle, order)

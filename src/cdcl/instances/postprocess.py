@@ -38,8 +38,11 @@ log = logging.getLogger(__name__)
 
 SMOOTHING_SIGMA = 1.0
 DEFAULT_GRID = {"threshold": [0.3, 0.4, 0.5, 0.6, 0.7], "min_distance": [2, 3, 5]}
-MARKER_GRID = {"threshold": [0.3, 0.4, 0.5, 0.6, 0.7], "marker_threshold": [0.3, 0.4, 0.5, 0.6, 0.7],
-               "min_size": [5, 10, 20]}
+MARKER_GRID = {
+    "threshold": [0.3, 0.4, 0.5, 0.6, 0.7],
+    "marker_threshold": [0.3, 0.4, 0.5, 0.6, 0.7],
+    "min_size": [5, 10, 20],
+}
 """Tuning grid of the marker path; settings it leaves out keep their default (min_distance is not used there)."""
 _EIGHT = np.ones((3, 3), dtype=bool)
 
@@ -244,7 +247,9 @@ def tune_params(
     return params, means[best]
 
 
-def _tune_markers(maps_list: list[np.ndarray], gts: list[np.ndarray], grid: dict | None) -> tuple[PostprocessParams, float]:
+def _tune_markers(
+    maps_list: list[np.ndarray], gts: list[np.ndarray], grid: dict | None
+) -> tuple[PostprocessParams, float]:
     """:func:`tune_params` for 2xHxW maps: foreground once per (threshold, fill_holes), markers grown once per
     marker_threshold on top, min_size filtering that result."""
     grid = _full_grid(grid, MARKER_GRID)

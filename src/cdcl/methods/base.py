@@ -56,8 +56,14 @@ class Method:
             terms["cons_dist"] = distance_consistency(student_logits, teacher_logits, mask > self.cfg.threshold)
         return terms
 
-    def losses(self, student: nn.Module, teacher: nn.Module, labeled: dict[str, Tensor],
-               unlabeled: dict[str, Tensor] | None, step: int) -> dict[str, Tensor]:
+    def losses(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        labeled: dict[str, Tensor],
+        unlabeled: dict[str, Tensor] | None,
+        step: int,
+    ) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
@@ -67,8 +73,9 @@ class Method:
         del state
 
 
-def student_forward(student: nn.Module, labeled: dict[str, Tensor], extra: Tensor | None, embeddings: bool = False
-                    ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+def student_forward(
+    student: nn.Module, labeled: dict[str, Tensor], extra: Tensor | None, embeddings: bool = False
+) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
     """One student pass over labeled images and (optionally) unlabeled strong views, split back apart.
 
     A single concatenated batch is cheaper than two passes and lets BatchNorm see both distributions.

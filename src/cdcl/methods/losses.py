@@ -104,15 +104,25 @@ def patch_foreground_ratio(labels: Tensor, grid: int) -> Tensor:
     return ratio[:, row_part][:, :, col_part]
 
 
-def _negative_mask(anchor_labels: Tensor, bank_labels: Tensor, anchor_fc: Tensor, bank_fc: Tensor,
-                   limit: float) -> Tensor:
+def _negative_mask(
+    anchor_labels: Tensor, bank_labels: Tensor, anchor_fc: Tensor, bank_fc: Tensor, limit: float
+) -> Tensor:
     """(n, M) bool: bank entry j is a negative of anchor i (different label and ``fc_i + fc_j <= limit``)."""
     fc_room = (limit + FC_TOLERANCE) - anchor_fc.float()
     return (bank_labels[None, :] != anchor_labels[:, None]) & (bank_fc.float()[None, :] <= fc_room[:, None])
 
 
-def _contrastive_chunk(anchors: Tensor, positives: Tensor, bank: Tensor, anchor_labels: Tensor, bank_labels: Tensor,
-                       anchor_fc: Tensor, bank_fc: Tensor, temperature: float, limit: float) -> Tensor:
+def _contrastive_chunk(
+    anchors: Tensor,
+    positives: Tensor,
+    bank: Tensor,
+    anchor_labels: Tensor,
+    bank_labels: Tensor,
+    anchor_fc: Tensor,
+    bank_fc: Tensor,
+    temperature: float,
+    limit: float,
+) -> Tensor:
     """Per-anchor InfoNCE of one chunk, in float32 (or float64) whatever the autocast state."""
     dtype = torch.promote_types(anchors.dtype, torch.float32)
     with torch.autocast(device_type=anchors.device.type, enabled=False):
@@ -125,9 +135,20 @@ def _contrastive_chunk(anchors: Tensor, positives: Tensor, bank: Tensor, anchor_
         return torch.logsumexp(torch.cat([positive, negative], dim=1), dim=1) - positive[:, 0]
 
 
-def patch_contrastive_loss(anchors: Tensor, positives: Tensor, bank: Tensor, anchor_labels: Tensor,
-                           bank_labels: Tensor, anchor_fc: Tensor, bank_fc: Tensor, *, temperature: float,
-                           bdp: float, fdp: float, chunk_size: int = 1024) -> Tensor:
+def patch_contrastive_loss(
+    anchors: Tensor,
+    positives: Tensor,
+    bank: Tensor,
+    anchor_labels: Tensor,
+    bank_labels: Tensor,
+    anchor_fc: Tensor,
+    bank_fc: Tensor,
+    *,
+    temperature: float,
+    bdp: float,
+    fdp: float,
+    chunk_size: int = 1024,
+) -> Tensor:
     """Per-anchor cross-patch InfoNCE loss (N,) of PAPER.md:
 
     ``-log( e^{a_i.p_i/t} / (e^{a_i.p_i/t} + sum_{j in Neg(i)} e^{a_i.b_j/t}) )`` with
@@ -146,13 +167,21 @@ def patch_contrastive_loss(anchors: Tensor, positives: Tensor, bank: Tensor, anc
     limit = bdp + fdp
     bank = bank.reshape(-1, anchors.shape[1]) if bank.numel() else bank.new_zeros(0, anchors.shape[1])
     starts = range(0, anchors.shape[0], chunk_size)
-    recompute = len(starts) > 1 and torch.is_grad_enabled() and any(
-        t.requires_grad for t in (anchors, positives, bank))
+    recompute = len(starts) > 1 and torch.is_grad_enabled() and any(t.requires_grad for t in (anchors, positives, bank))
     losses = []
     for start in starts:
         rows = slice(start, start + chunk_size)
-        chunk = (anchors[rows], positives[rows], bank, anchor_labels[rows], bank_labels, anchor_fc[rows], bank_fc,
-                 temperature, limit)
+        chunk = (
+            anchors[rows],
+            positives[rows],
+            bank,
+            anchor_labels[rows],
+            bank_labels,
+            anchor_fc[rows],
+            bank_fc,
+            temperature,
+            limit,
+        )
         if recompute:
             losses.append(checkpoint(_contrastive_chunk, *chunk, use_reentrant=False, preserve_rng_state=False))
         else:
@@ -161,12 +190,27 @@ def patch_contrastive_loss(anchors: Tensor, positives: Tensor, bank: Tensor, anc
 
 
 @torch.no_grad()
-def count_negatives(anchor_labels: Tensor, bank_labels: Tensor, anchor_fc: Tensor, bank_fc: Tensor, *, bdp: float,
-                    fdp: float, chunk_size: int = 1024) -> Tensor:
+def count_negatives(
+    anchor_labels: Tensor,
+    bank_labels: Tensor,
+    anchor_fc: Tensor,
+    bank_fc: Tensor,
+    *,
+    bdp: float,
+    fdp: float,
+    chunk_size: int = 1024,
+) -> Tensor:
     """Number of negatives (N,) of each anchor under ``patch_contrastive_loss``'s rule, for logging."""
-    counts = [_negative_mask(anchor_labels[start:start + chunk_size], bank_labels,
-                             anchor_fc[start:start + chunk_size], bank_fc, bdp + fdp).sum(dim=1)
-              for start in range(0, anchor_labels.shape[0], chunk_size)]
+    counts = [
+        _negative_mask(
+            anchor_labels[start : start + chunk_size],
+            bank_labels,
+            anchor_fc[start : start + chunk_size],
+            bank_fc,
+            bdp + fdp,
+        ).sum(dim=1)
+        for start in range(0, anchor_labels.shape[0], chunk_size)
+    ]
     return torch.cat(counts) if counts else anchor_labels.new_zeros(0)
 
 
@@ -187,14 +231,18 @@ class MemoryBank:
     def push(self, embeddings: Tensor, labels: Tensor, fc: Tensor) -> None:
         """Add one iteration's entries: embeddings (K,D), labels (K,), fc (K,); drops the oldest block if full."""
         if embeddings.dim() != 2 or labels.shape != embeddings.shape[:1] or fc.shape != embeddings.shape[:1]:
-            raise ValueError(f"memory bank push needs (K,D), (K,), (K,); got {tuple(embeddings.shape)}, "
-                             f"{tuple(labels.shape)}, {tuple(fc.shape)}")
+            raise ValueError(
+                f"memory bank push needs (K,D), (K,), (K,); got {tuple(embeddings.shape)}, "
+                f"{tuple(labels.shape)}, {tuple(fc.shape)}"
+            )
         if self._blocks and self._blocks[-1][0].shape[1] != embeddings.shape[1]:
-            raise ValueError(f"memory bank holds {self._blocks[-1][0].shape[1]}-d embeddings, "
-                             f"got {embeddings.shape[1]}-d")
+            raise ValueError(
+                f"memory bank holds {self._blocks[-1][0].shape[1]}-d embeddings, got {embeddings.shape[1]}-d"
+            )
         if self._blocks and self._blocks[-1][0].device != embeddings.device:  # e.g. restored on another device
-            self._blocks = deque((tuple(t.to(embeddings.device) for t in block) for block in self._blocks),
-                                 maxlen=self.capacity + 1)
+            self._blocks = deque(
+                (tuple(t.to(embeddings.device) for t in block) for block in self._blocks), maxlen=self.capacity + 1
+            )
         self._blocks.append((embeddings.detach(), labels.detach(), fc.detach()))
 
     def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -209,10 +257,12 @@ class MemoryBank:
 
     def state_dict(self) -> dict:
         """Plain tensors and lists (loadable with ``torch.load(weights_only=True)``), for exact resume."""
-        return {"capacity": self.capacity,
-                "embeddings": [block[0] for block in self._blocks],
-                "labels": [block[1] for block in self._blocks],
-                "fc": [block[2] for block in self._blocks]}
+        return {
+            "capacity": self.capacity,
+            "embeddings": [block[0] for block in self._blocks],
+            "labels": [block[1] for block in self._blocks],
+            "fc": [block[2] for block in self._blocks],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore saved entries; with a smaller capacity than saved, only the newest blocks are kept."""
@@ -241,12 +291,25 @@ def _pixel_rows(maps: Tensor, index: Tensor) -> Tensor:
     return flat[index // flat.shape[2], :, index % flat.shape[2]]
 
 
-def cross_patch_contrastive(student_emb: Tensor, teacher_emb: Tensor, student_labels: Tensor, teacher_labels: Tensor,
-                            valid: Tensor | None, bank: MemoryBank | None, *, grid: int, bdp: float, fdp: float,
-                            temperature: float, num_anchors: int, num_bank_samples: int,
-                            anchor_source: str = "student", patch_filter: bool = True,
-                            generator: torch.Generator | None = None,
-                            chunk_size: int = 1024) -> tuple[Tensor, dict[str, Tensor]]:
+def cross_patch_contrastive(
+    student_emb: Tensor,
+    teacher_emb: Tensor,
+    student_labels: Tensor,
+    teacher_labels: Tensor,
+    valid: Tensor | None,
+    bank: MemoryBank | None,
+    *,
+    grid: int,
+    bdp: float,
+    fdp: float,
+    temperature: float,
+    num_anchors: int,
+    num_bank_samples: int,
+    anchor_source: str = "student",
+    patch_filter: bool = True,
+    generator: torch.Generator | None = None,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """The whole cross-patch contrastive term of one iteration (PAPER.md, loss 5); updates ``bank``.
 
     ``student_emb`` / ``teacher_emb`` (B,D,h,w): L2-normalised embeddings of the strong / weak view;
@@ -274,8 +337,9 @@ def cross_patch_contrastive(student_emb: Tensor, teacher_emb: Tensor, student_la
     student_labels, teacher_labels = student_labels.reshape(-1), teacher_labels.reshape(-1)
     valid = torch.ones_like(student_labels, dtype=torch.bool) if valid is None else valid.reshape(-1).bool()
 
-    anchor_labels, anchor_fc = (student_labels, student_fc) if anchor_source == "student" else (teacher_labels,
-                                                                                                 teacher_fc)
+    anchor_labels, anchor_fc = (
+        (student_labels, student_fc) if anchor_source == "student" else (teacher_labels, teacher_fc)
+    )
     if patch_filter:
         anchor_ok = valid & ((anchor_fc <= bdp + FC_TOLERANCE) | (anchor_fc >= fdp - FC_TOLERANCE))
     else:
@@ -285,24 +349,41 @@ def cross_patch_contrastive(student_emb: Tensor, teacher_emb: Tensor, student_la
     from_student = sample_anchor_pixels(valid, num_bank_samples, generator)
     from_teacher = sample_anchor_pixels(valid, num_bank_samples, generator)
 
-    entries = (torch.cat([_pixel_rows(student_emb.detach(), from_student), _pixel_rows(teacher_emb, from_teacher)]),
-               torch.cat([student_labels[from_student], teacher_labels[from_teacher]]),
-               torch.cat([student_fc[from_student], teacher_fc[from_teacher]]))
+    entries = (
+        torch.cat([_pixel_rows(student_emb.detach(), from_student), _pixel_rows(teacher_emb, from_teacher)]),
+        torch.cat([student_labels[from_student], teacher_labels[from_teacher]]),
+        torch.cat([student_fc[from_student], teacher_fc[from_teacher]]),
+    )
     if bank is not None:
         bank.push(*entries)
         entries = bank.tensors()
     bank_emb, bank_labels, bank_fc = entries
 
     device = student_emb.device
-    stats = {"n_anchors": torch.full((), float(anchors.shape[0]), device=device),
-             "bank_size": torch.full((), float(bank_emb.shape[0]), device=device)}
+    stats = {
+        "n_anchors": torch.full((), float(anchors.shape[0]), device=device),
+        "bank_size": torch.full((), float(bank_emb.shape[0]), device=device),
+    }
     if anchors.shape[0] == 0:
         stats["n_negatives"] = torch.zeros((), device=device)
         return student_emb.sum() * 0.0 + 0.0, stats  # 0 on the graph (+ 0.0: no "-0.0" in the logs)
     anchor_labels, anchor_fc = anchor_labels[anchors], anchor_fc[anchors]
-    per_anchor = patch_contrastive_loss(_pixel_rows(student_emb, anchors), _pixel_rows(teacher_emb, anchors),
-                                        bank_emb, anchor_labels, bank_labels, anchor_fc, bank_fc,
-                                        temperature=temperature, bdp=bdp, fdp=fdp, chunk_size=chunk_size)
-    stats["n_negatives"] = count_negatives(anchor_labels, bank_labels, anchor_fc, bank_fc, bdp=bdp, fdp=fdp,
-                                           chunk_size=chunk_size).float().mean()
+    per_anchor = patch_contrastive_loss(
+        _pixel_rows(student_emb, anchors),
+        _pixel_rows(teacher_emb, anchors),
+        bank_emb,
+        anchor_labels,
+        bank_labels,
+        anchor_fc,
+        bank_fc,
+        temperature=temperature,
+        bdp=bdp,
+        fdp=fdp,
+        chunk_size=chunk_size,
+    )
+    stats["n_negatives"] = (
+        count_negatives(anchor_labels, bank_labels, anchor_fc, bank_fc, bdp=bdp, fdp=fdp, chunk_size=chunk_size)
+        .float()
+        .mean()
+    )
     return per_anchor.mean(), stats

@@ -12,8 +12,19 @@ import math
 FC_TOLERANCE = 1e-6  # the documented slack of the FC rule (cdcl.methods.losses.FC_TOLERANCE)
 
 
-def naive_patch_contrastive_loss(anchors, positives, bank, anchor_labels, bank_labels, anchor_fc, bank_fc, *,
-                                 temperature: float, bdp: float, fdp: float) -> list[float]:
+def naive_patch_contrastive_loss(
+    anchors,
+    positives,
+    bank,
+    anchor_labels,
+    bank_labels,
+    anchor_fc,
+    bank_fc,
+    *,
+    temperature: float,
+    bdp: float,
+    fdp: float,
+) -> list[float]:
     """Per-anchor ``-log(e^{z.z+/t} / (e^{z.z+/t} + sum_neg e^{z.z-/t}))``; inputs are tensors or nested lists.
 
     A bank entry j is a negative of anchor i when its label differs and ``fc_i + fc_j <= bdp + fdp``.

@@ -31,7 +31,9 @@ def reference_polygons(labels: np.ndarray, offset: tuple[float, float] = (0, 0),
     return result
 
 
-def reference_table(labels: np.ndarray, image: np.ndarray, offset: tuple[float, float] = (0, 0), scale: float = 1.0) -> list:
+def reference_table(
+    labels: np.ndarray, image: np.ndarray, offset: tuple[float, float] = (0, 0), scale: float = 1.0
+) -> list:
     """``nuclei_table`` as it was: moments summed per pixel, the perimeter from ``regionprops_table``."""
     rr, cc = np.nonzero(labels)
     counts = np.bincount(labels[rr, cc])

@@ -49,8 +49,9 @@ def monuseg_mosaic(shared_data: Path, width: int, height: int, margin: int = 0) 
     return out
 
 
-def write_pyramid(path: Path, image: np.ndarray, mpp: float | None, *, tile: int = 256, compression: str = "zlib",
-                  min_side: int = 256) -> Path:
+def write_pyramid(
+    path: Path, image: np.ndarray, mpp: float | None, *, tile: int = 256, compression: str = "zlib", min_side: int = 256
+) -> Path:
     """A tiled pyramidal TIFF, one page per level (halved until the short side would drop below ``min_side``),
     with XResolution/YResolution in pixels per centimetre when ``mpp`` is given (OpenSlide's generic TIFF
     reads microns-per-pixel from them)."""
@@ -63,7 +64,9 @@ def write_pyramid(path: Path, image: np.ndarray, mpp: float | None, *, tile: int
             if mpp is not None:
                 per_cm = 1e4 / (mpp * image.shape[1] / level.shape[1])
                 extra = {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
-            tif.write(level, tile=(tile, tile), photometric="rgb", compression=compression, subfiletype=1 if i else 0, **extra)
+            tif.write(
+                level, tile=(tile, tile), photometric="rgb", compression=compression, subfiletype=1 if i else 0, **extra
+            )
     return path
 
 
@@ -85,8 +88,18 @@ class DarkStandIn(torch.nn.Module):
         return {"logits": self.conv(x)}
 
 
-def stand_in_predictor(model: torch.nn.Module | None = None, *, mpp: float | None = 0.25, window: int = 128,
-                       batch_size: int = 4) -> Predictor:
+def stand_in_predictor(
+    model: torch.nn.Module | None = None, *, mpp: float | None = 0.25, window: int = 128, batch_size: int = 4
+) -> Predictor:
     """A CPU ``Predictor`` around a stand-in model with default post-processing."""
-    return Predictor(model=model or DarkStandIn(), device=torch.device("cpu"), postprocess=PostprocessParams(), mpp=mpp,
-                     window=window, overlap=0.25, batch_size=batch_size, amp=False, config=None)
+    return Predictor(
+        model=model or DarkStandIn(),
+        device=torch.device("cpu"),
+        postprocess=PostprocessParams(),
+        mpp=mpp,
+        window=window,
+        overlap=0.25,
+        batch_size=batch_size,
+        amp=False,
+        config=None,
+    )

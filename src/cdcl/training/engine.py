@@ -115,13 +115,18 @@ def load_splits(config: Config, needs_unlabeled: bool) -> Splits:
         require_masks(items, split_dir / name)
     unlabeled = read("unlabeled.txt", False)
     if needs_unlabeled and not unlabeled:
-        raise CdclError(f"method '{config.method.name}' needs unlabeled items but the list is empty", split_dir / "unlabeled.txt")
+        raise CdclError(
+            f"method '{config.method.name}' needs unlabeled items but the list is empty", split_dir / "unlabeled.txt"
+        )
     val = read("val.txt", False)
     seen = {it.image_path for it in labeled + unlabeled}
     leaked = sorted(it.name for it in val if it.image_path in seen)
     if leaked:
-        raise CdclError(f"item '{leaked[0]}' is also trained on (its image is in labeled.txt or unlabeled.txt; "
-                        f"{len(leaked)} such): validation needs images the model has not seen", split_dir / "val.txt")
+        raise CdclError(
+            f"item '{leaked[0]}' is also trained on (its image is in labeled.txt or unlabeled.txt; "
+            f"{len(leaked)} such): validation needs images the model has not seen",
+            split_dir / "val.txt",
+        )
     return Splits(labeled, unlabeled, val)
 
 
@@ -170,8 +175,18 @@ def predict_probabilities(model: nn.Module, items: list, config: Config, device:
     model.eval()
     i = config.infer
     batch_size = windows_per_batch(None, i.batch_size, device)
-    probs = [sliding_window_probability(model, it.image, window=i.window, overlap=i.overlap, batch_size=batch_size,
-                                        device=device, amp=config.train.amp and device.type == "cuda") for it in items]
+    probs = [
+        sliding_window_probability(
+            model,
+            it.image,
+            window=i.window,
+            overlap=i.overlap,
+            batch_size=batch_size,
+            device=device,
+            amp=config.train.amp and device.type == "cuda",
+        )
+        for it in items
+    ]
     model.train(was_training)
     return probs
 
@@ -221,13 +236,20 @@ class Trainer:
     def _payload(self) -> dict[str, Any]:
         cfg = self.config
         return {
-            "cdcl_version": __version__, "config": cfg.to_dict(), "step": self.step, "complete": self.complete,
+            "cdcl_version": __version__,
+            "config": cfg.to_dict(),
+            "step": self.step,
+            "complete": self.complete,
             "predict_with": "teacher" if cfg.train.eval_model == "ema" else "student",
             "weights": {"student": self.student.state_dict(), "teacher": self.teacher.state_dict()},
-            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-            "method_state": self.method.state_dict(), "rng": {"torch": torch.get_rng_state()},
-            "best": {"dice": self.best, "step": self.best_step}, "skipped": self.skipped,
-            "postprocess": self.postprocess, "mpp": cfg.data.mpp,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "method_state": self.method.state_dict(),
+            "rng": {"torch": torch.get_rng_state()},
+            "best": {"dice": self.best, "step": self.best_step},
+            "skipped": self.skipped,
+            "postprocess": self.postprocess,
+            "mpp": cfg.data.mpp,
         }
 
     def save(self, name: str) -> None:
@@ -250,8 +272,11 @@ class Trainer:
         payload = load_checkpoint(path)
         stored = payload.get("config", {}).get("model")
         if stored != self.config.to_dict()["model"]:
-            raise CdclError("run folder holds a checkpoint of a different model configuration; use a new --out "
-                            "or the original config", path)
+            raise CdclError(
+                "run folder holds a checkpoint of a different model configuration; use a new --out "
+                "or the original config",
+                path,
+            )
         try:
             self.student.load_state_dict(payload["weights"]["student"])
             self.teacher.load_state_dict(payload["weights"]["teacher"])
@@ -290,11 +315,23 @@ class Trainer:
     # ---- loop ------------------------------------------------------------------------------------------
     def _loaders(self):
         d, seed = self.config.data, self.config.train.seed
-        kw = {"start_batch": self.step, "num_workers": d.num_workers, "rank": self.dist.rank, "world_size": self.dist.world_size}
-        lab = stream_loader(LabeledSet(self.splits.labeled, self.config.augment, self.config.model.instances), d.batch_size, seed=seed, **kw)
+        kw = {
+            "start_batch": self.step,
+            "num_workers": d.num_workers,
+            "rank": self.dist.rank,
+            "world_size": self.dist.world_size,
+        }
+        lab = stream_loader(
+            LabeledSet(self.splits.labeled, self.config.augment, self.config.model.instances),
+            d.batch_size,
+            seed=seed,
+            **kw,
+        )
         unl = None
         if self.method.uses_unlabeled:
-            unl = stream_loader(UnlabeledSet(self.splits.unlabeled, self.config.augment), d.unlabeled_batch_size, seed=seed + 1, **kw)
+            unl = stream_loader(
+                UnlabeledSet(self.splits.unlabeled, self.config.augment), d.unlabeled_batch_size, seed=seed + 1, **kw
+            )
         return lab, unl
 
     def validate(self) -> float | None:
@@ -321,9 +358,14 @@ class Trainer:
         n_images, t0, n_steps = 0, time.perf_counter(), 0
         self.student.train()
         # closed (its line ended) before any error propagates, so the error is stderr's own last line
-        with tqdm(total=cfg.train.iterations, initial=self.step, desc=f"train {cfg.method.name}", unit="it",
-                  disable=not self.dist.main if self.progress is None else not (self.progress and self.dist.main),
-                  dynamic_ncols=True) as bar:
+        with tqdm(
+            total=cfg.train.iterations,
+            initial=self.step,
+            desc=f"train {cfg.method.name}",
+            unit="it",
+            disable=not self.dist.main if self.progress is None else not (self.progress and self.dist.main),
+            dynamic_ncols=True,
+        ) as bar:
             while self.step < cfg.train.iterations:
                 labeled = {k: v.to(self.device, non_blocking=True) for k, v in next(lab_iter).items()}
                 unlabeled = None
@@ -355,9 +397,15 @@ class Trainer:
                 bar.update(1)
                 if (self.step % cfg.train.log_every == 0 or self.step == cfg.train.iterations) and n_steps:
                     elapsed = time.perf_counter() - t0
-                    record = {"iteration": self.step, "lr": lr, "images_per_s": n_images / max(elapsed, 1e-9),
-                              "s_per_iter": elapsed / n_steps}
-                    record.update({(k if k.startswith("stat/") else f"loss/{k}"): float(v) / counts[k] for k, v in sums.items()})
+                    record = {
+                        "iteration": self.step,
+                        "lr": lr,
+                        "images_per_s": n_images / max(elapsed, 1e-9),
+                        "s_per_iter": elapsed / n_steps,
+                    }
+                    record.update(
+                        {(k if k.startswith("stat/") else f"loss/{k}"): float(v) / counts[k] for k, v in sums.items()}
+                    )
                     bar.set_postfix(loss=f"{record['loss/total']:.3f}")
                     self._log(record)
                     sums.clear()
@@ -383,13 +431,18 @@ class Trainer:
         memory bank). Kept so that a skipped step leaves no trace: a NaN input poisons both before the loss shows it."""
         return [b.detach().clone() for b in self.student.buffers()], self.method.state_dict()
 
-    def _nonfinite(self, terms: dict[str, torch.Tensor], before: tuple[list[torch.Tensor], dict[str, Any]] | None) -> None:
+    def _nonfinite(
+        self, terms: dict[str, torch.Tensor], before: tuple[list[torch.Tensor], dict[str, Any]] | None
+    ) -> None:
         values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items() if not k.startswith("stat/"))
         self.skipped += 1
         where = f"iteration {self.step + 1}"
         if self.config.train.on_nonfinite == "stop" or self.skipped > self.config.train.max_skipped:
-            raise CdclError(f"non-finite loss at {where} ({values}); stopped, last good checkpoint kept "
-                            f"(train.on_nonfinite=skip skips such steps)", self.out)
+            raise CdclError(
+                f"non-finite loss at {where} ({values}); stopped, last good checkpoint kept "
+                f"(train.on_nonfinite=skip skips such steps)",
+                self.out,
+            )
         log.warning("skipping %s: non-finite loss (%s); %d skipped so far", where, values, self.skipped)
         buffers, method_state = before
         with torch.no_grad():
@@ -435,8 +488,14 @@ class Trainer:
         plot_training_curves(self._records(), self.out / "curves.png")
 
     def summary(self) -> dict[str, Any]:
-        return {"out": str(self.out), "iterations": self.step, "best_val_dice": self.best, "best_step": self.best_step,
-                "skipped_steps": self.skipped, "postprocess": self.postprocess}
+        return {
+            "out": str(self.out),
+            "iterations": self.step,
+            "best_val_dice": self.best,
+            "best_step": self.best_step,
+            "skipped_steps": self.skipped,
+            "postprocess": self.postprocess,
+        }
 
 
 def train(config: Config, out_dir: str | Path, progress: bool | None = None) -> dict[str, Any]:

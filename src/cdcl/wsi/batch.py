@@ -38,5 +38,7 @@ def for_each_slide(readers: Sequence[SlideReader], work: Callable[[SlideReader],
             failures.append(str(err))
     if failures:
         rest = "the others are done; " if len(failures) < len(readers) else ""
-        raise CdclError(f"{len(failures)} of {len(readers)} slides failed ({rest}a re-run keeps what is done): "
-                        f"{'; '.join(failures)}")
+        raise CdclError(
+            f"{len(failures)} of {len(readers)} slides failed ({rest}a re-run keeps what is done): "
+            f"{'; '.join(failures)}"
+        )

@@ -31,13 +31,24 @@ class Grid:
     @classmethod
     def for_slide(cls, reader: SlideReader, level: int, residual: float, tile: int, halo: int) -> Grid:
         level_w, level_h = reader.level_dimensions[level]
-        return cls(level, residual, reader.level_downsamples[level] * residual, int(level_w / residual),
-                   int(level_h / residual), (level_w, level_h), tile, halo)
+        return cls(
+            level,
+            residual,
+            reader.level_downsamples[level] * residual,
+            int(level_w / residual),
+            int(level_h / residual),
+            (level_w, level_h),
+            tile,
+            halo,
+        )
 
     def cores(self) -> list[tuple[int, int, int, int]]:
         """``(x0, y0, x1, y1)`` of every grid cell, row-major; the list index is the tile's id."""
-        return [(x, y, min(x + self.tile, self.width), min(y + self.tile, self.height))
-                for y in range(0, self.height, self.tile) for x in range(0, self.width, self.tile)]
+        return [
+            (x, y, min(x + self.tile, self.width), min(y + self.tile, self.height))
+            for y in range(0, self.height, self.tile)
+            for x in range(0, self.width, self.tile)
+        ]
 
     def box(self, core: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
         """The core grown by the halo, clipped to the slide."""
@@ -57,7 +68,9 @@ class Grid:
         return np.array(Image.fromarray(region).resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR))  # writable
 
 
-def tissue_tiles(grid: Grid, mask: np.ndarray, level0_width: int, min_fraction: float = 0.0) -> list[tuple[int, tuple[int, int, int, int]]]:
+def tissue_tiles(
+    grid: Grid, mask: np.ndarray, level0_width: int, min_fraction: float = 0.0
+) -> list[tuple[int, tuple[int, int, int, int]]]:
     """``(id, core)`` of the grid cells that touch the tissue mask, and have at least ``min_fraction`` of their
     area in it."""
     to_mask = mask.shape[1] / level0_width * grid.scale  # mask pixels per working pixel

@@ -64,7 +64,7 @@ def remove_orphaned_blocks(folder: str = SHM_FOLDER) -> int:
     for name in names:
         if not name.startswith(PREFIX):
             continue
-        pid = name[len(PREFIX):].split("-")[0]
+        pid = name[len(PREFIX) :].split("-")[0]
         if pid.isdigit() and not _alive(int(pid)):
             try:
                 os.unlink(os.path.join(folder, name))

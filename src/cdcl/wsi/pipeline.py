@@ -119,7 +119,9 @@ def reader_count(workers: int) -> int:
     return -(-workers // 4)
 
 
-def _tile_submitter(pool: Executor, workers: int, grid: Grid, channels: int = 1) -> tuple[Callable[..., Future], contextlib.AbstractContextManager]:
+def _tile_submitter(
+    pool: Executor, workers: int, grid: Grid, channels: int = 1
+) -> tuple[Callable[..., Future], contextlib.AbstractContextManager]:
     """``(submit, context)``: ``submit(prob, image, *args)`` queues :func:`tile_nuclei_json` in ``pool`` (``prob``:
     ``channels`` prediction maps). With
     workers, tiles travel through shared memory when /dev/shm has room for every tile in flight, else (a
@@ -130,25 +132,47 @@ def _tile_submitter(pool: Executor, workers: int, grid: Grid, channels: int = 1)
         handoff = SharedTileHandoff(pool, block)
         return handoff.submit, handoff
     if workers:
-        log.info("too little room in %s for %d tiles in flight: tiles go to the workers through a pipe (slower)",
-                 SHM_FOLDER, 2 * workers + 1)
+        log.info(
+            "too little room in %s for %d tiles in flight: tiles go to the workers through a pipe (slower)",
+            SHM_FOLDER,
+            2 * workers + 1,
+        )
     return functools.partial(pool.submit, tile_nuclei_json), contextlib.nullcontext()
 
 
-def _predict_tiles(predictor: Predictor, reader: SlideReader, grid: Grid, todo: list, journal: Journal, pool: Executor, workers: int, bar: tqdm) -> None:
+def _predict_tiles(
+    predictor: Predictor,
+    reader: SlideReader,
+    grid: Grid,
+    todo: list,
+    journal: Journal,
+    pool: Executor,
+    workers: int,
+    bar: tqdm,
+) -> None:
     """Read (DataLoader workers) -> predict (here) -> post-process (pool) -> journal, in tile order.
 
     Each tile's prediction is queued on the device before the previous tile is handed to post-processing, so
     on an accelerator the main process receives and hands over tiles while the device computes. Tiles reach
     this process, and leave it, through shared memory: it has the forward pass to feed."""
-    loader = DataLoader(TileDataset(reader, grid, todo), batch_size=None, num_workers=reader_count(workers),
-                        collate_fn=_unchanged, worker_init_fn=yield_to_prediction)
+    loader = DataLoader(
+        TileDataset(reader, grid, todo),
+        batch_size=None,
+        num_workers=reader_count(workers),
+        collate_fn=_unchanged,
+        worker_init_fn=yield_to_prediction,
+    )
     channels = 1 if getattr(predictor.model, "representation", "binary") == "binary" else 2
     submit, handoff = _tile_submitter(pool, workers, grid, channels)
     pending: deque[tuple[int, Future]] = deque()
 
     def post_process(item: dict[str, Any], prob: PendingProbability) -> None:
-        pending.append((item["index"], submit(prob.result(), item["image"], predictor.postprocess, item["core"], item["box"], grid.scale)))
+        pending.append(
+            (
+                item["index"],
+                submit(prob.result(), item["image"], predictor.postprocess, item["core"], item["box"], grid.scale),
+            )
+        )
         while len(pending) > 2 * workers or (pending and pending[0][1].done()):
             index, done = pending.popleft()
             journal.append(index, done.result())
@@ -158,8 +182,15 @@ def _predict_tiles(predictor: Predictor, reader: SlideReader, grid: Grid, todo: 
         previous = None
         for item in from_workers(loader):
             item["image"] = item["image"].numpy()
-            prob = start_probability(predictor.model, item["image"], window=predictor.window, overlap=predictor.overlap,
-                                     batch_size=predictor.batch_size, device=predictor.device, amp=predictor.amp)
+            prob = start_probability(
+                predictor.model,
+                item["image"],
+                window=predictor.window,
+                overlap=predictor.overlap,
+                batch_size=predictor.batch_size,
+                device=predictor.device,
+                amp=predictor.amp,
+            )
             if previous is not None:
                 post_process(*previous)
             previous = (item, prob)
@@ -179,7 +210,10 @@ def write_outputs(journal: Journal, out_dir: Path, stem: str, thumbnail: np.ndar
     overlay = Image.fromarray(thumbnail)
     draw = ImageDraw.Draw(overlay)
     count = 0
-    with geojson_stream(out_dir / f"{stem}.geojson") as add_feature, csv_stream(out_dir / f"{stem}_nuclei.csv") as add_row:
+    with (
+        geojson_stream(out_dir / f"{stem}.geojson") as add_feature,
+        csv_stream(out_dir / f"{stem}_nuclei.csv") as add_row,
+    ):
         for row, ring in journal.nuclei():
             add_feature(nucleus_feature(ring, row, stem))
             add_row(row)
@@ -212,12 +246,17 @@ def only_run(out_dir: Path, stem: str) -> Iterator[None]:
     with open(lock, "a") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked_file_is_current = os.fstat(fh.fileno()).st_ino == os.stat(lock).st_ino  # not one a finished run removed
+            locked_file_is_current = (
+                os.fstat(fh.fileno()).st_ino == os.stat(lock).st_ino
+            )  # not one a finished run removed
         except (BlockingIOError, FileNotFoundError):
             locked_file_is_current = False
         if not locked_file_is_current:
-            raise CdclError(f"another cdcl predict-wsi is writing the outputs of '{stem}' in this folder; wait for it "
-                            "to finish or pass another --out", out_dir)
+            raise CdclError(
+                f"another cdcl predict-wsi is writing the outputs of '{stem}' in this folder; wait for it "
+                "to finish or pass another --out",
+                out_dir,
+            )
         try:
             yield
         finally:
@@ -248,8 +287,11 @@ def predict_slide(
         done = finished_summary(out_dir, stem, settings) if run_key is not None else None
         if done is not None:
             _remove_own_journal(out_dir / f"{stem}.partial", settings)  # a run killed just before removing it
-            log.info("%s: already done with these settings (%s); delete it to predict again", reader.name,
-                     out_dir / f"{stem}_summary.json")
+            log.info(
+                "%s: already done with these settings (%s); delete it to predict again",
+                reader.name,
+                out_dir / f"{stem}_summary.json",
+            )
             return {**done, "skipped": True}
         with _start_pool(workers) as pool:  # its workers start while the slide is opened and its tissue found
             level, residual = choose_level(reader, predictor.mpp)
@@ -260,9 +302,17 @@ def predict_slide(
             journal = Journal(out_dir / f"{stem}.partial", key)
             todo = [t for t in tiles if t[0] not in journal.finished]
             working_mpp = None if reader.mpp is None else reader.mpp * grid.scale
-            log.info("%s: %dx%d px, level %d resized x%.3g (%s um/px), %d of %d tiles have tissue, %d already done",
-                     reader.name, *reader.dimensions, level, 1 / residual, f"{working_mpp:.3g}" if working_mpp else "?",
-                     len(tiles), len(grid.cores()), len(tiles) - len(todo))
+            log.info(
+                "%s: %dx%d px, level %d resized x%.3g (%s um/px), %d of %d tiles have tissue, %d already done",
+                reader.name,
+                *reader.dimensions,
+                level,
+                1 / residual,
+                f"{working_mpp:.3g}" if working_mpp else "?",
+                len(tiles),
+                len(grid.cores()),
+                len(tiles) - len(todo),
+            )
             predict_start = time.perf_counter()
             with tqdm(total=len(tiles), initial=len(tiles) - len(todo), desc=stem, unit="tile", disable=None) as bar:
                 _predict_tiles(predictor, reader, grid, todo, journal, pool, workers, bar)
@@ -272,12 +322,27 @@ def predict_slide(
         n_nuclei = write_outputs(journal, out_dir, stem, thumbnail, reader.dimensions[0])
         megapixels = sum((x1 - x0) * (y1 - y0) for _, (x0, y0, x1, y1) in todo) / 1e6
         summary = {
-            "slide": reader.name, "level0_size": list(reader.dimensions), "slide_mpp": reader.mpp, "level": level,
-            "working_mpp": working_mpp, "level0_px_per_working_px": grid.scale, "tile": tile, "halo": halo, "workers": workers,
-            "tiles": {"grid": len(grid.cores()), "tissue": len(tiles), "predicted_now": len(todo), "resumed": len(tiles) - len(todo)},
-            "nuclei": n_nuclei, "seconds_predict": round(predict_seconds, 3),
-            "seconds": round(time.perf_counter() - start, 3), "megapixels_predicted": round(megapixels, 3),
-            "megapixels_per_s": round(megapixels / predict_seconds, 3) if todo else None, "settings": settings,
+            "slide": reader.name,
+            "level0_size": list(reader.dimensions),
+            "slide_mpp": reader.mpp,
+            "level": level,
+            "working_mpp": working_mpp,
+            "level0_px_per_working_px": grid.scale,
+            "tile": tile,
+            "halo": halo,
+            "workers": workers,
+            "tiles": {
+                "grid": len(grid.cores()),
+                "tissue": len(tiles),
+                "predicted_now": len(todo),
+                "resumed": len(tiles) - len(todo),
+            },
+            "nuclei": n_nuclei,
+            "seconds_predict": round(predict_seconds, 3),
+            "seconds": round(time.perf_counter() - start, 3),
+            "megapixels_predicted": round(megapixels, 3),
+            "megapixels_per_s": round(megapixels / predict_seconds, 3) if todo else None,
+            "settings": settings,
         }
         write_json_atomic(out_dir / f"{stem}_summary.json", summary)
         shutil.rmtree(journal.folder)

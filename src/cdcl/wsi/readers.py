@@ -58,7 +58,9 @@ def _to_rgb(region: Image.Image) -> np.ndarray:
     return np.asarray(region.convert("RGB"))
 
 
-def _read_within(size: tuple[int, int], x: int, y: int, width: int, height: int, fetch: Callable[[int, int, int, int], np.ndarray]) -> np.ndarray:
+def _read_within(
+    size: tuple[int, int], x: int, y: int, width: int, height: int, fetch: Callable[[int, int, int, int], np.ndarray]
+) -> np.ndarray:
     """A region on a white canvas: ``fetch(x, y, w, h)`` is asked only for the part inside the level's ``size``
     (backends disagree on what lies outside: black, transparent or an error)."""
     out = np.full((height, width, 3), BACKGROUND, np.uint8)
@@ -105,8 +107,10 @@ class FileSlideReader:
         scale = self.level_downsamples[level]
 
         def fetch(x0: int, y0: int, w: int, h: int) -> np.ndarray:
-            return self._read(f"level {level} at ({x0}, {y0})",
-                              lambda: self._slide.read_region((round(x0 * scale), round(y0 * scale)), level, (w, h)))
+            return self._read(
+                f"level {level} at ({x0}, {y0})",
+                lambda: self._slide.read_region((round(x0 * scale), round(y0 * scale)), level, (w, h)),
+            )
 
         return _read_within(self.level_dimensions[level], x, y, width, height, fetch)
 
@@ -136,7 +140,9 @@ class FileSlideReader:
         except Exception as exc:  # noqa: BLE001 - the backends raise many types for the same damage
             detail = squashed(exc, 160)
             _silence_abandoned_reads()
-            raise CdclError(f"cannot read {what} of the slide: damaged file? ({type(exc).__name__}: {detail})", self.name) from None
+            raise CdclError(
+                f"cannot read {what} of the slide: damaged file? ({type(exc).__name__}: {detail})", self.name
+            ) from None
 
     def reopen(self) -> FileSlideReader:
         return FileSlideReader(self.name, self.backend, self._mpp_override)
@@ -162,7 +168,9 @@ class ArrayReader:
 
     def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         src = self._levels[level]
-        return _read_within(self.level_dimensions[level], x, y, width, height, lambda x0, y0, w, h: src[y0 : y0 + h, x0 : x0 + w])
+        return _read_within(
+            self.level_dimensions[level], x, y, width, height, lambda x0, y0, w, h: src[y0 : y0 + h, x0 : x0 + w]
+        )
 
     def thumbnail(self, max_side: int) -> np.ndarray:
         level = next((i for i in reversed(range(self.level_count)) if max(self._levels[i].shape[:2]) >= max_side), 0)
@@ -196,8 +204,11 @@ def open_slide(path: str | Path, mpp_override: float | None = None, need_mpp: bo
     if reader.mpp is None or not reader.mpp > 0:
         raise CdclError("no resolution metadata (microns per pixel) in the slide; pass --mpp", path)
     if not plausible_mpp(reader.mpp):
-        raise CdclError(f"implausible resolution in the slide's metadata: {reader.mpp:.4g} microns per pixel (a "
-                        "default 72 dpi header?); pass --mpp", path)
+        raise CdclError(
+            f"implausible resolution in the slide's metadata: {reader.mpp:.4g} microns per pixel (a "
+            "default 72 dpi header?); pass --mpp",
+            path,
+        )
     return reader
 
 
@@ -212,8 +223,11 @@ def choose_level(reader: SlideReader, target_mpp: float | None) -> tuple[int, fl
     level = max(finer, key=mpps.__getitem__) if finer else 0
     residual = target_mpp / mpps[level]
     if residual < 1 / MAX_UPSAMPLING:
-        raise CdclError(f"the slide's {reader.mpp:.4g} microns per pixel are more than {MAX_UPSAMPLING}x coarser than the "
-                        f"model's {target_mpp:.4g}: scanned at too low a magnification for it (or wrong --mpp)", reader.name)
+        raise CdclError(
+            f"the slide's {reader.mpp:.4g} microns per pixel are more than {MAX_UPSAMPLING}x coarser than the "
+            f"model's {target_mpp:.4g}: scanned at too low a magnification for it (or wrong --mpp)",
+            reader.name,
+        )
     return level, 1.0 if abs(residual - 1) <= RESIDUAL_TOLERANCE else residual
 
 

@@ -24,7 +24,9 @@ from cdcl.wsi.grid import Grid, tissue_tiles
 from cdcl.wsi.readers import THUMB_SIDE, SlideReader, choose_level, tissue_mask
 
 
-def sample_cores(reader: SlideReader, grid: Grid, count: int, min_tissue: float, seed: int) -> list[tuple[int, int, int, int]]:
+def sample_cores(
+    reader: SlideReader, grid: Grid, count: int, min_tissue: float, seed: int
+) -> list[tuple[int, int, int, int]]:
     """Up to ``count`` full grid cells with at least ``min_tissue`` of their area in the tissue mask, drawn
     without replacement by a generator seeded with ``seed`` and the slide's file name, in reading order."""
     cells = tissue_tiles(grid, tissue_mask(reader.thumbnail(THUMB_SIDE), reader.name), reader.dimensions[0], min_tissue)
@@ -33,8 +35,16 @@ def sample_cores(reader: SlideReader, grid: Grid, count: int, min_tissue: float,
     return [full[i] for i in sorted(rng.permutation(len(full))[:count])]
 
 
-def cut_tiles(reader: SlideReader, out_dir: Path, *, size: int = 256, per_slide: int = 100, tile_mpp: float | None = None,
-              min_tissue: float = 0.5, seed: int = 0) -> tuple[int, int]:
+def cut_tiles(
+    reader: SlideReader,
+    out_dir: Path,
+    *,
+    size: int = 256,
+    per_slide: int = 100,
+    tile_mpp: float | None = None,
+    min_tissue: float = 0.5,
+    seed: int = 0,
+) -> tuple[int, int]:
     """Write the slide's sampled tiles into ``out_dir``; returns (tiles sampled, tiles written now)."""
     grid = Grid.for_slide(reader, *choose_level(reader, tile_mpp), size, 0)
     cores = sample_cores(reader, grid, per_slide, min_tissue, seed)

@@ -16,7 +16,9 @@ from cdcl.instances.export import label_centroids, nuclei_polygons, nuclei_table
 from cdcl.instances.postprocess import instances_from_maps
 
 
-def tile_nuclei(prob: np.ndarray, image: np.ndarray, params: Any, core: tuple[int, ...], box: tuple[int, ...], scale: float) -> list[list]:
+def tile_nuclei(
+    prob: np.ndarray, image: np.ndarray, params: Any, core: tuple[int, ...], box: tuple[int, ...], scale: float
+) -> list[list]:
     """``[measurements, ring]`` (level-0 pixels) of the nuclei whose centroid lies in the tile's core: the seam
     rule of ``cdcl.wsi.pipeline``. ``prob`` (prediction maps, HxW or 2xHxW) and ``image`` cover ``box`` (the core plus
     halo), all in working pixels."""
