@@ -29,11 +29,12 @@ import scipy  # noqa: E402
 import skimage  # noqa: E402
 from skimage.measure import find_contours, regionprops_table  # noqa: E402
 
-from cdcl.instances import export  # noqa: E402
 from cdcl.data import read_image, read_label_image  # noqa: E402
+from cdcl.instances import export  # noqa: E402
 from cdcl.io import write_json_atomic, write_text_atomic  # noqa: E402
-from provenance import git_commit, machine  # noqa: E402
 from cdcl.testing.exports import reference_polygons, reference_table  # noqa: E402
+
+from provenance import git_commit, machine  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 TRAIN = REPO.parent / "shared" / "data" / "monuseg" / "train"

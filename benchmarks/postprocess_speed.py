@@ -9,7 +9,7 @@ of four of them (the size of a predict-wsi tile); without, each ground-truth for
 takes the fastest of its repeats. Writes benchmarks/results/postprocess_speed.{json,md}.
 
     OMP_NUM_THREADS=1 python benchmarks/postprocess_speed.py --checkpoint CKPT   # 30 images + the mosaic
-    OMP_NUM_THREADS=1 python benchmarks/postprocess_speed.py --quick             # 3 blurred masks, to a temporary folder
+    OMP_NUM_THREADS=1 python benchmarks/postprocess_speed.py --quick             # 3 blurred masks, to a temp folder
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import relabel_sequential
 
-from cdcl.instances import postprocess
 from cdcl.inference.predictor import load_predictor
 from cdcl.inference.window import sliding_window_probability
+from cdcl.instances import postprocess
+
 from export_speed import MOSAIC, TRAIN, load, mosaic, timed, versions, write_results
 from provenance import git_commit, machine
 
@@ -109,14 +110,17 @@ def markdown(r: dict) -> str:
             f"scipy {m['scipy']}, scikit-image {m['scikit-image']}; load average at start {r['loadavg_start']}, at end "
             f"{r['loadavg_end']}; total {r['seconds_total']:.0f} s.",
             "",
-            f"Probability maps: {r['source']}, on {r['images']} MoNuSeg training images (~1000x1000 px, {r['nuclei_images']} "
-            f"nuclei found) and a {MOSAIC}x{MOSAIC} mosaic of four (a predict-wsi tile, {r['maps'][f'mosaic {MOSAIC}']['nuclei']} "
+            f"Probability maps: {r['source']}, on {r['images']} MoNuSeg training images (~1000x1000 px, "
+            f"{r['nuclei_images']} "
+            f"nuclei found) and a {MOSAIC}x{MOSAIC} mosaic of four (a predict-wsi tile, "
+            f"{r['maps'][f'mosaic {MOSAIC}']['nuclei']} "
             f"nuclei). Settings: {r['params']}. Seconds of `instances_from_probability`: the fastest of {r['repeats']} "
             "interleaved runs per map, summed over the images.",
             "",
             "| maps | old s | new s | ratio |",
             "|---|---|---|---|",
-            f"| {r['images']} images | {images['old']:.3f} | {images['new']:.3f} | {images['old'] / images['new']:.2f}x |",
+            f"| {r['images']} images | {images['old']:.3f} | {images['new']:.3f} | "
+            f"{images['old'] / images['new']:.2f}x |",
             f"| {MOSAIC}x{MOSAIC} mosaic | {tile['old']:.3f} | {tile['new']:.3f} | {tile['old'] / tile['new']:.2f}x |",
             "",
             f"Instance maps identical to the old code's on {r['identical']} of {len(r['maps'])} maps.",

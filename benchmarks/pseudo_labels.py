@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cdcl.inference.predictor import load_predictor
 from cdcl.config import load_config
 from cdcl.data import load_dataset, read_image
 from cdcl.data.splits import read_split_file
+from cdcl.inference.predictor import load_predictor
 from cdcl.inference.window import sliding_window_probability
 from cdcl.io import write_json_atomic, write_text_atomic
+
 from provenance import git_commit
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from provenance import accelerator_machine, git_commit
-
 from cdcl.vocab import METHODS
+
+from provenance import accelerator_machine, git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -274,7 +274,8 @@ def speed(recs: list[dict]) -> str:
     for hw, runs in sorted(by.items()):
         cell = f"{hw} {median([r['median_s_per_iter'] for r in runs]):.2f}"
         if all("train_seconds" in r for r in runs):
-            cell += f", {median([r['train_seconds'] for r in runs]):.0f} + {median([r['eval_seconds'] for r in runs]):.0f} s"
+            train, evaluate = (median([r[key] for r in runs]) for key in ("train_seconds", "eval_seconds"))
+            cell += f", {train:.0f} + {evaluate:.0f} s"
         cells.append(cell + f" (n={len(runs)})")
     return "; ".join(cells) or "-"
 

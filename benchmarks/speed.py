@@ -33,16 +33,17 @@ import torch.nn.functional as F  # noqa: E402
 
 import cdcl.methods.cdcl as cdcl_method  # noqa: E402
 from cdcl.config import Config, load_config  # noqa: E402
-from cdcl.vocab import METHODS  # noqa: E402
 from cdcl.inference.window import pad_to, sliding_window_probability, window_layout  # noqa: E402
-from cdcl.io import write_json_atomic, write_text_atomic  # noqa: E402
-from cdcl.methods.losses import patch_contrastive_loss  # noqa: E402
-from provenance import git_commit, machine  # noqa: E402
-from cdcl.methods import build_method  # noqa: E402
-from cdcl.models import build_model  # noqa: E402
 from cdcl.instances.postprocess import PostprocessParams, instances_from_probability  # noqa: E402
-from cdcl.wsi.worker import tile_nuclei_json  # noqa: E402
+from cdcl.io import write_json_atomic, write_text_atomic  # noqa: E402
+from cdcl.methods import build_method  # noqa: E402
+from cdcl.methods.losses import patch_contrastive_loss  # noqa: E402
+from cdcl.models import build_model  # noqa: E402
 from cdcl.training.engine import build_optimizer, update_ema  # noqa: E402
+from cdcl.vocab import METHODS  # noqa: E402
+from cdcl.wsi.worker import tile_nuclei_json  # noqa: E402
+
+from provenance import git_commit, machine  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 TEST_IMAGES = REPO.parent / "shared" / "data" / "monuseg" / "test" / "images"
@@ -158,7 +159,8 @@ def random_batches(seed: int = 0) -> tuple[dict, dict]:
 
 
 class Trainer:
-    """One method's student, EMA teacher, optimizer and step counter; ``step`` mirrors ``cdcl.training.engine``'s loop."""
+    """One method's student, EMA teacher, optimizer and step counter; ``step`` mirrors the loop of
+    ``cdcl.training.engine``."""
 
     def __init__(self, config: Config) -> None:
         torch.manual_seed(0)  # every method starts from the same weights
@@ -396,7 +398,8 @@ def markdown(r: dict) -> str:
         "",
         "## Dense contrastive loss vs the naive loop (`cdcl/testing/contrastive.py`)",
         "",
-        "| anchors N | bank M | dim D | dense s | naive s | speed-up | max abs diff (float32) | max abs diff (float64) |",
+        "| anchors N | bank M | dim D | dense s | naive s | speed-up | max abs diff (float32) | max abs diff "
+        "(float64) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in r["contrastive"]:
@@ -460,7 +463,8 @@ def markdown(r: dict) -> str:
         "## Inference (CPU)",
         "",
         f"Model: {i['model']}; image `{i['image']}` ({i['image_px'][0]}x{i['image_px'][1]}); window {i['window']}, "
-        f"overlap {i['overlap']}, batch {i['batch_size']}, {i['windows']} windows; fastest of {i['repeats']} interleaved "
+        f"overlap {i['overlap']}, batch {i['batch_size']}, {i['windows']} windows; fastest of {i['repeats']} "
+        "interleaved "
         "repeats (the least disturbed by the other processes).",
         "",
         "| stage | seconds / image | megapixels / s |",

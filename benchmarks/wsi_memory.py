@@ -45,11 +45,12 @@ REPO = Path(__file__).resolve().parents[1]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from provenance import git_commit  # noqa: E402
 from cdcl.inference.window import autocast, pad_to, window_layout  # noqa: E402
 from cdcl.io import write_json_atomic, write_text_atomic  # noqa: E402
 from cdcl.wsi.grid import Grid  # noqa: E402
 from cdcl.wsi.readers import choose_level, open_slide  # noqa: E402
+
+from provenance import git_commit  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 STAND_IN_WINDOW = 256
@@ -217,18 +218,23 @@ def write_report(result: dict, out_dir: Path) -> None:
         lines.append(
             f"| {r['slide_px'][0]} x {r['slide_px'][1]} | {r['tiles']} | {r['nuclei']} | {r['peak_rss_mb']} | "
             f"{r['peak_tree_rss_mb']} | {r['megapixels_per_s']} | {r['megapixels_per_s_command']} | "
-            f"{r['seconds_predict']} | {r['seconds_command']} | {r['cpu_seconds_command']} | {r['cpu_seconds_per_tile']} |"
+            f"{r['seconds_predict']} | {r['seconds_command']} | {r['cpu_seconds_command']} | "
+            f"{r['cpu_seconds_per_tile']} |"
         )
     small_bare, large_bare = result["bare_forward"]
     lines += [
         "",
         f"- Peak RSS ratio large/small: **{result['rss_ratio']}** (largest process), {result['tree_rss_ratio']} "
-        f"(process tree); target <= 1.3: {'met' if (result['rss_ratio'] or result['tree_rss_ratio']) <= 1.3 else 'NOT met'}.",
+        "(process tree); target <= 1.3: "
+        f"{'met' if (result['rss_ratio'] or result['tree_rss_ratio']) <= 1.3 else 'NOT met'}.",
         f"- Bare forward pass over each slide's own tiles, every other tile just before its run and the rest just "
-        f"after: small slide, {small_bare['tiles']} tiles ({small_bare['windows']} windows) in {small_bare['seconds']} s, "
-        f"{small_bare['megapixels_per_s']} MP/s (before / after: {' / '.join(map(str, small_bare['megapixels_per_s_before_after']))}); "
+        f"after: small slide, {small_bare['tiles']} tiles ({small_bare['windows']} windows) in "
+        f"{small_bare['seconds']} s, "
+        f"{small_bare['megapixels_per_s']} MP/s (before / after: "
+        f"{' / '.join(map(str, small_bare['megapixels_per_s_before_after']))}); "
         f"large slide, {large_bare['tiles']} tiles ({large_bare['windows']} windows) in {large_bare['seconds']} s, "
-        f"{large_bare['megapixels_per_s']} MP/s (before / after: {' / '.join(map(str, large_bare['megapixels_per_s_before_after']))}).",
+        f"{large_bare['megapixels_per_s']} MP/s (before / after: "
+        f"{' / '.join(map(str, large_bare['megapixels_per_s_before_after']))}).",
         f"- End-to-end / bare throughput: **{result['throughput_ratio']}** (large slide, prediction phase); "
         f"{result['throughput_ratio_small']} (small slide); target >= 0.8: "
         f"{'met' if result['throughput_ratio'] >= 0.8 else 'NOT met'}.",

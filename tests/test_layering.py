@@ -108,13 +108,15 @@ def test_imports_follow_the_layers(path: Path) -> None:
         (
             "cdcl.inference.window",
             "import torch\n\ndef f():\n    from cdcl.training.engine import train\n",
-            "line 4: cdcl.inference.window imports cdcl.training.engine: cdcl.inference may not import the layer above it "
+            "line 4: cdcl.inference.window imports cdcl.training.engine: cdcl.inference may not import the layer "
+            "above it "
             "(cdcl.training)",
         ),
         (
             "cdcl.wsi.pipeline",
             "from cdcl.training import engine\n",
-            "line 1: cdcl.wsi.pipeline imports cdcl.training: cdcl.wsi may not import cdcl.training, a room of its own layer",
+            "line 1: cdcl.wsi.pipeline imports cdcl.training: cdcl.wsi may not import cdcl.training, a room of its "
+            "own layer",
         ),
         (
             "cdcl.metrics",

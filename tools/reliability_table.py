@@ -64,7 +64,8 @@ FIXED = [
     "src/cdcl/data/loaders.py and src/cdcl/wsi/pipeline.py, restores the original `path: problem`).",
     "`train` with `train.on_nonfinite=skip`: the skipped forward pass had already put NaN into the batch-norm "
     "statistics (and, for CDCL, into the memory bank), which were then saved in every later checkpoint; and the "
-    "finite-weights check before a save ignored buffers (src/cdcl/training/engine.py: both restored on a skipped step; every "
+    "finite-weights check before a save ignored buffers (src/cdcl/training/engine.py: both restored on a skipped "
+    "step; every "
     "float tensor checked before a save).",
     "`train` re-run after a kill that cut a metrics.jsonl line in half crashed with a JSON traceback "
     "(src/cdcl/training/engine.py: a last line without newline is dropped).",
@@ -73,7 +74,8 @@ FIXED = [
     "`train` with `model.pretrained=true` offline, or a weights file that is not weights: a traceback from timm or "
     "the Hugging Face hub (src/cdcl/models/unet.py: one line naming `model.pretrained`).",
     "`train` with a missing or empty `data.root` / `data.split_dir`: the message did not name the config key, and an "
-    "empty `data.root` silently meant the current folder (src/cdcl/training/engine.py `config_folder`: resolved, checked, "
+    "empty `data.root` silently meant the current folder (src/cdcl/training/engine.py `config_folder`: resolved, "
+    "checked, "
     "key named).",
     'A random-bytes, truncated or legacy-pickle checkpoint was reported as "could run code" after being handed '
     "to the unpickler (src/cdcl/checkpoint.py: anything that is not a zip archive is refused before unpickling).",

@@ -301,7 +301,8 @@ def validate(config: Config) -> None:
         (m.name in METHODS, f"method.name must be one of {', '.join(METHODS)}, got '{m.name}'"),
         (
             config.model.output_stride in OUTPUT_STRIDES,
-            f"model.output_stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got {config.model.output_stride}",
+            f"model.output_stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got "
+            f"{config.model.output_stride}",
         ),
         (
             config.model.instances in REPRESENTATIONS,

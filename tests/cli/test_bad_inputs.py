@@ -13,6 +13,13 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from PIL import Image
+
+from cdcl.checkpoint import load_checkpoint, save_checkpoint
+from cdcl.config import config_from_dict
+from cdcl.models import build_model
+from cdcl.testing.slides import write_pyramid
+
 from helpers.cli_cases import (
     TINY_ENCODER,
     World,
@@ -23,13 +30,7 @@ from helpers.cli_cases import (
     stray_files,
     write_slide,
 )
-from cdcl.testing.slides import write_pyramid
-from PIL import Image
 from helpers.geojson import check_geojson
-
-from cdcl.checkpoint import load_checkpoint, save_checkpoint
-from cdcl.config import config_from_dict
-from cdcl.models import build_model
 
 FIRST = "synth_000"  # a labeled training item of the tiny split
 
@@ -64,7 +65,7 @@ def all_image_modes(data: Path) -> str:
     rgb = [np.asarray(Image.open(p).convert("RGB")) for p in images]
     Image.fromarray(rgb[0]).convert("RGBA").save(images[0])
     Image.fromarray(rgb[1]).convert("L").save(images[1])
-    Image.fromarray((np.asarray(Image.fromarray(rgb[2]).convert("L")).astype(np.uint16) * 257)).save(images[2])
+    Image.fromarray(np.asarray(Image.fromarray(rgb[2]).convert("L")).astype(np.uint16) * 257).save(images[2])
     images[3].unlink()
     tifffile.imwrite(images[3].with_suffix(".tif"), rgb[3].astype(np.uint16) * 257, photometric="rgb")
     Image.fromarray(rgb[4]).convert("P", palette=Image.Palette.ADAPTIVE).save(images[4])

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.cli_cases import Running, World, assert_ok, run_cdcl, start_cdcl, stray_files, write_slide
 
 from cdcl.checkpoint import load_checkpoint
 from cdcl.wsi.handoff import remove_orphaned_blocks
+
+from helpers.cli_cases import Running, World, assert_ok, run_cdcl, start_cdcl, stray_files, write_slide
 
 ITERATIONS = 8
 SLIDE_OUTPUTS = ("slide.geojson", "slide_nuclei.csv", "slide_overlay.png", "slide_summary.json")
@@ -202,7 +203,8 @@ def test_predict_wsi_killed_mid_run_resumes_to_the_same_files(world, tmp_path, r
             result,
             "killed; no truncated output",
             message="(killed by SIGKILL)",
-            outcome=f"killed; {journal_lines(out)} tiles journalled; final files present: {', '.join(finals) or 'none'} (complete)",
+            outcome=f"killed; {journal_lines(out)} tiles journalled; "
+            f"final files present: {', '.join(finals) or 'none'} (complete)",
         )
         assert result.rc in (-9, 0)  # 0: it finished before the kill (the GeoJSON write can be quicker than a poll)
         killed.append(result.rc == -9)

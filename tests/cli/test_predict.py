@@ -8,12 +8,13 @@ import logging
 
 import numpy as np
 import pytest
-from cdcl.testing.slides import stand_in_predictor
 from PIL import Image
 from skimage.draw import disk
-from helpers.geojson import check_geojson
 
 from cdcl.cli import main
+from cdcl.testing.slides import stand_in_predictor
+
+from helpers.geojson import check_geojson
 
 
 @pytest.fixture

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.cli_cases import CliResult, World, assert_ok, assert_refused, copy_data, run_cdcl, write_slide
 
 from cdcl.checkpoint import load_checkpoint
+
+from helpers.cli_cases import CliResult, World, assert_ok, assert_refused, copy_data, run_cdcl, write_slide
 
 FIRST = "synth_000"
 # What refusing an attack may cost beyond the same command on genuine input: CPU time (not wall time) and peak
@@ -120,7 +121,10 @@ def test_a_checkpoint_that_would_run_a_command_is_refused(world, tmp_path, recor
 
 # ---- XML attacks -------------------------------------------------------------------------------------------------
 
-REGION = '<Region Id="1"{attr}><Vertices><Vertex X="10" Y="10"/><Vertex X="30" Y="10"/><Vertex X="30" Y="30"/></Vertices></Region>'
+REGION = (
+    '<Region Id="1"{attr}><Vertices><Vertex X="10" Y="10"/><Vertex X="30" Y="10"/><Vertex X="30" Y="30"/></Vertices>'
+    "</Region>"
+)
 LAUGHS = "".join(f'<!ENTITY lol{i} "{f"&lol{i - 1};" * 10}">' for i in range(1, 10))
 XML_ATTACKS = {
     "xxe-local-file": (

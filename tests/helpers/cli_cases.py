@@ -36,10 +36,10 @@ import pytest
 if __package__ in (None, ""):  # started as the zygote's script (see _Zygote): ``helpers`` sits one folder up
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers.training import tiny_dataset, tiny_overrides  # noqa: E402
-
 from cdcl.data.synthetic import synthetic_tile  # noqa: E402
 from cdcl.testing.slides import write_pyramid  # noqa: E402
+
+from helpers.training import tiny_dataset, tiny_overrides  # noqa: E402
 
 HANDLER_MODULES = (
     "cdcl.cli",

@@ -7,7 +7,6 @@ import json
 import jsonschema
 import shapely.geometry
 
-
 POSITION = {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}
 RING = {"type": "array", "items": POSITION, "minItems": 4}
 GEOJSON_SCHEMA = {

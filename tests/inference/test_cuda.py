@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from cdcl.inference.predictor import load_predictor
 from cdcl.cli import main
 from cdcl.config import load_config
 from cdcl.data.synthetic import synthetic_tile
+from cdcl.inference.predictor import load_predictor
 from cdcl.inference.window import sliding_window_probability, start_probability
 from cdcl.training.engine import train
+
 from helpers.training import tiny_dataset, tiny_overrides
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -122,9 +123,8 @@ def test_queueing_an_image_never_waits_for_the_device(trained):
 def test_predict_wsi_on_cuda_matches_the_cpu(tmp_path):
     """The GPU pipeline (tiles queued ahead, pinned copies back, post-processing workers) finds the CPU's nuclei."""
     from cdcl.testing.slides import DISCS, DarkStandIn, disc_image, stand_in_predictor
-
-    from cdcl.wsi.readers import ArrayReader
     from cdcl.wsi.pipeline import predict_slide
+    from cdcl.wsi.readers import ArrayReader
 
     image, _ = disc_image()
     cpu = stand_in_predictor()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from cdcl.testing.slides import DarkStandIn, stand_in_predictor
 from PIL import Image
 from skimage.draw import disk
 
 from cdcl.inference.predictor import predict_instances
 from cdcl.inference.window import gaussian_weight, sliding_window_probability, windows_per_batch
+from cdcl.testing.slides import DarkStandIn, stand_in_predictor
 from cdcl.windows import window_starts
 
 

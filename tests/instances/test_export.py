@@ -10,7 +10,6 @@ import csv
 import numpy as np
 import pytest
 import shapely.geometry
-from helpers.geojson import check_geojson
 import tifffile
 from PIL import Image
 from skimage.draw import disk, ellipse
@@ -18,10 +17,9 @@ from skimage.filters import gaussian
 from skimage.measure import regionprops, regionprops_table
 from skimage.segmentation import watershed
 
-from cdcl.instances import export, outlines
 from cdcl.data import read_image, read_label_image
 from cdcl.errors import CdclError
-from cdcl.testing.exports import reference_polygons, reference_table
+from cdcl.instances import export, outlines
 from cdcl.instances.export import (
     NUCLEUS_COLUMNS,
     label_perimeters,
@@ -31,6 +29,9 @@ from cdcl.instances.export import (
     write_geojson,
     write_label_map,
 )
+from cdcl.testing.exports import reference_polygons, reference_table
+
+from helpers.geojson import check_geojson
 
 
 # The parts of RFC 7946 a QuPath import relies on, for polygon features.

@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage as ndi
-
-from cdcl.metrics import aji
 from skimage.segmentation import relabel_sequential
 
 from cdcl.instances.postprocess import (
@@ -19,6 +17,7 @@ from cdcl.instances.postprocess import (
     instances_from_probability,
     tune_params,
 )
+from cdcl.metrics import aji
 
 
 def disc(shape: tuple[int, int], centre: tuple[int, int], radius: float) -> np.ndarray:

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from cdcl.testing.contrastive import naive_patch_contrastive_loss
 
 from cdcl.methods.losses import (
     MemoryBank,
@@ -18,6 +17,7 @@ from cdcl.methods.losses import (
     patch_foreground_ratio,
     sample_anchor_pixels,
 )
+from cdcl.testing.contrastive import naive_patch_contrastive_loss
 
 BDP, FDP = 0.2, 0.8
 FC_VALUES = torch.tensor([0.0, 0.1, 0.2, 0.25, 0.5, 0.75, 0.8, 0.9, 1.0])  # thresholds and their neighbours

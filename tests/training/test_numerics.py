@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.cli_cases import TINY_ENCODER, Recorder
 from torch import nn
-from helpers.training import tiny_dataset, tiny_overrides
 
 import cdcl.training.engine
 from cdcl.checkpoint import load_checkpoint
@@ -22,6 +20,9 @@ from cdcl.errors import CdclError
 from cdcl.methods import build_method
 from cdcl.methods.supervised import Supervised
 from cdcl.training.engine import train
+
+from helpers.cli_cases import TINY_ENCODER, Recorder
+from helpers.training import tiny_dataset, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +165,8 @@ def test_too_many_skipped_steps_stop(tiny, tmp_path, monkeypatch, record):
         None,
         "stops after 2 skips",
         message=str(err.value),
-        outcome="stopped at the third; the checkpoints of iteration 2 (a validation step) hold the initial weights, finite",
+        outcome="stopped at the third; the checkpoints of iteration 2 (a validation step) hold the initial weights, "
+        "finite",
     )
     assert finite_checkpoints(tmp_path) == {"best.pt": 2, "last.pt": 2}
     assert load_checkpoint(tmp_path / "last.pt")["skipped"] == 2

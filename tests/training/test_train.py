@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from cdcl.checkpoint import load_checkpoint
-from cdcl.inference.predictor import load_predictor
 from cdcl.cli import main
 from cdcl.config import load_config
 from cdcl.errors import CdclError
+from cdcl.inference.predictor import load_predictor
 from cdcl.training.engine import Trainer, train
+
 from helpers.training import tiny_dataset, tiny_overrides
 
 

@@ -12,10 +12,10 @@ from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 import pytest
-from cdcl.testing.slides import disc_image
 
-from cdcl.wsi.handoff import PREFIX, SharedTileHandoff, remove_orphaned_blocks, shared_memory_fits, tile_bytes
 from cdcl.instances.postprocess import PostprocessParams
+from cdcl.testing.slides import disc_image
+from cdcl.wsi.handoff import PREFIX, SharedTileHandoff, remove_orphaned_blocks, shared_memory_fits, tile_bytes
 from cdcl.wsi.worker import tile_nuclei_json
 
 

@@ -8,15 +8,16 @@ import re
 
 import numpy as np
 import pytest
-from helpers.cli_cases import assert_ok, run_cdcl
-from cdcl.testing.slides import monuseg_mosaic, write_pyramid
 from PIL import Image
-from helpers.geojson import check_geojson
-from helpers.training import tiny_overrides
 
 from cdcl.cli import main
 from cdcl.data.readers import load_dataset
 from cdcl.data.splits import make_split
+from cdcl.testing.slides import monuseg_mosaic, write_pyramid
+
+from helpers.cli_cases import assert_ok, run_cdcl
+from helpers.geojson import check_geojson
+from helpers.training import tiny_overrides
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,17 @@ import pytest
 import shapely.geometry
 import torch
 from PIL import Image
-from cdcl.testing.slides import DISCS, RADIUS, disc_image, monuseg_mosaic, stand_in_predictor, write_pyramid
-from helpers.geojson import check_geojson
 
 import cdcl.commands.predict_wsi
 import cdcl.wsi.pipeline
 from cdcl.cli import main
 from cdcl.errors import CdclError
-from cdcl.wsi.readers import ArrayReader, choose_level, open_slide, tissue_mask
+from cdcl.testing.slides import DISCS, RADIUS, disc_image, monuseg_mosaic, stand_in_predictor, write_pyramid
 from cdcl.wsi.journal import Journal
 from cdcl.wsi.pipeline import predict_slide
+from cdcl.wsi.readers import ArrayReader, choose_level, open_slide, tissue_mask
+
+from helpers.geojson import check_geojson
 
 
 def read_csv(path) -> list[dict[str, float]]:
@@ -522,12 +523,12 @@ def test_overlay_outlines_each_nucleus_on_the_thumbnail(tmp_path, disc_slide) ->
 
 def test_a_real_checkpoint_predicts_images_and_slides(tmp_path, mosaic) -> None:
     """End to end through the real checkpoint loader, with an untrained tiny network (inference plumbing only)."""
-    from helpers.training import TINY_MODEL
-
     from cdcl.checkpoint import save_checkpoint
     from cdcl.config import load_config
-    from cdcl.models import build_model
     from cdcl.instances.postprocess import PostprocessParams
+    from cdcl.models import build_model
+
+    from helpers.training import TINY_MODEL
 
     config = load_config(None, [*TINY_MODEL, "infer.window=128", "model.pretrained=false", "data.mpp=0.5"])
     checkpoint = str(tmp_path / "tiny.pt")

@@ -11,13 +11,12 @@ import json
 import time
 from pathlib import Path
 
-from cdcl.inference.predictor import load_predictor
 from cdcl.config import load_config
 from cdcl.data import load_dataset
 from cdcl.data.splits import Split, write_split
 from cdcl.data.synthetic import write_synthetic_dataset
 from cdcl.inference.evaluation import SUMMARY_KEYS, evaluate_items, format_table
-from cdcl.inference.predictor import predict_instances
+from cdcl.inference.predictor import load_predictor, predict_instances
 from cdcl.io import ensure_writable_dir, write_text_atomic
 from cdcl.training.engine import train
 from cdcl.viz import plot_comparison_grid

@@ -12,8 +12,8 @@ import logging
 from pathlib import Path
 
 from cdcl.checkpoint import lean_payload, load_checkpoint, save_checkpoint
-from cdcl.inference.predictor import model_from_checkpoint
 from cdcl.errors import CdclError
+from cdcl.inference.predictor import model_from_checkpoint
 
 log = logging.getLogger(__name__)
 

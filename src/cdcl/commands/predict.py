@@ -14,13 +14,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cdcl.inference.predictor import load_predictor, Predictor
 from cdcl.data.images import IMAGE_SUFFIXES, read_image
 from cdcl.errors import CdclError
+from cdcl.inference.predictor import Predictor, load_predictor, predict_instances
 from cdcl.instances.export import nuclei_polygons, nuclei_table, write_csv, write_geojson, write_label_map
-from cdcl.inference.predictor import predict_instances
-from cdcl.io import collect_inputs, ensure_writable_dir
-from cdcl.io import save_png
+from cdcl.io import collect_inputs, ensure_writable_dir, save_png
 from cdcl.viz import overlay_contours
 
 log = logging.getLogger(__name__)

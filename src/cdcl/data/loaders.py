@@ -43,7 +43,8 @@ class SeededStreamSampler(Sampler):
 
 
 class _ImageCache:
-    """Bounded per-worker cache of decoded items (images, masks; a tile caches its crop), each decoded once per worker."""
+    """Bounded per-worker cache of decoded items (images, masks; a tile caches its crop), each decoded once per
+    worker."""
 
     def __init__(self, max_bytes: int = 1 << 30) -> None:
         self.max_bytes, self.bytes, self.entries = max_bytes, 0, OrderedDict()

@@ -18,10 +18,9 @@ from tqdm import tqdm
 
 from cdcl.errors import CdclError
 from cdcl.inference.predictor import Predictor, predict_instances
-from cdcl.io import ensure_writable_dir
+from cdcl.io import ensure_writable_dir, save_png
 from cdcl.metrics import SCORE_KEYS, aggregate, evaluate_pair
-from cdcl.io import save_png
-from cdcl.viz import GT_COLOUR, overlay_contours, PRED_COLOUR
+from cdcl.viz import GT_COLOUR, PRED_COLOUR, overlay_contours
 
 SUMMARY_KEYS = SCORE_KEYS  # the scores a table shows: every one the metrics compute
 

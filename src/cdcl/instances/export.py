@@ -21,8 +21,8 @@ import numpy as np
 import tifffile
 
 from cdcl.errors import CdclError
-from cdcl.io import atomic_path, save_png
 from cdcl.instances.outlines import label_outlines
+from cdcl.io import atomic_path, save_png
 
 NUCLEUS_COLUMNS = (
     "id",

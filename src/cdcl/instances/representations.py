@@ -10,8 +10,8 @@ Three instance representations, one vocabulary (:data:`REPRESENTATIONS`):
   its largest value (1 at the centre, small at the rim, 0 on background). Markers are its high plateaus.
 
 The two learned representations decode to the same two maps (foreground probability, marker strength), so one
-marker-controlled watershed (``cdcl.instances.postprocess.instances_from_markers``) serves both. The binary model keeps its
-single foreground map, so its predictions stay bit-for-bit those of the earlier releases.
+marker-controlled watershed (``cdcl.instances.postprocess.instances_from_markers``) serves both. The binary model
+keeps its single foreground map, so its predictions stay bit-for-bit those of the earlier releases.
 """
 
 from __future__ import annotations

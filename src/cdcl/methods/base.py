@@ -7,9 +7,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from cdcl.methods.losses import confident_cross_entropy, sigmoid_rampup
 from cdcl.instances.representations import class_logits, distance_consistency, foreground_logits
 from cdcl.instances.representations import supervised_loss as representation_loss
+from cdcl.methods.losses import confident_cross_entropy, sigmoid_rampup
 
 
 class Method:

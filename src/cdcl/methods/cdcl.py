@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cdcl.methods.losses import MemoryBank, cross_patch_contrastive, entropy_loss
-from cdcl.methods.base import Method, student_forward, teacher_forward
 from cdcl.instances.representations import class_logits, foreground_logits
+from cdcl.methods.base import Method, student_forward, teacher_forward
+from cdcl.methods.losses import MemoryBank, cross_patch_contrastive, entropy_loss
 
 
 class CDCL(Method):

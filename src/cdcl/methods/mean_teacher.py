@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from cdcl.methods.base import Method, student_forward, teacher_forward
 from cdcl.instances.representations import distance_consistency
+from cdcl.methods.base import Method, student_forward, teacher_forward
 
 
 class MeanTeacher(Method):

@@ -34,14 +34,14 @@ from cdcl.data.loaders import LabeledSet, UnlabeledSet, stream_loader
 from cdcl.data.splits import read_split_file
 from cdcl.errors import CdclError, squashed
 from cdcl.inference.window import foreground_of, sliding_window_probability, windows_per_batch
-from cdcl.io import complete_lines, ensure_writable_dir, remove_leftover_temporaries, write_text_atomic
 from cdcl.instances.postprocess import tune_params
+from cdcl.io import complete_lines, ensure_writable_dir, remove_leftover_temporaries, write_text_atomic
 from cdcl.methods import build_method
 from cdcl.methods.losses import ema_alpha
 from cdcl.models import build_model
 from cdcl.runtime import amp_dtype, resolve_device, seed_everything
-from cdcl.vocab import OPTIMIZERS, SCHEDULES, spoken
 from cdcl.viz import plot_training_curves
+from cdcl.vocab import OPTIMIZERS, SCHEDULES, spoken
 
 log = logging.getLogger(__name__)
 
