@@ -85,14 +85,7 @@ def probability_maps(
         return probs, postprocess.PostprocessParams(), "ground-truth foregrounds blurred by a Gaussian (sigma 2 px)"
     predictor = load_predictor(checkpoint, device="cpu")
     probs = {
-        name: sliding_window_probability(
-            predictor.model,
-            image,
-            window=predictor.window,
-            overlap=predictor.overlap,
-            batch_size=predictor.batch_size,
-            device=predictor.device,
-        )
+        name: sliding_window_probability(predictor.model, image, **predictor.window_options())
         for name, (_, image) in images.items()
     }
     return probs, predictor.postprocess, f"predictions of {checkpoint.name}"

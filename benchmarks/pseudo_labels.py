@@ -48,14 +48,7 @@ def teacher_stats(run: Path, thresholds: tuple[float, ...]) -> dict:
     pixels = 0
     for path, group in tqdm(by_image.items(), desc=run.name, unit="image"):
         image = read_image(path)  # the whole image once: its tiles share the sliding-window context
-        prob = sliding_window_probability(
-            predictor.model,
-            image,
-            window=predictor.window,
-            overlap=predictor.overlap,
-            batch_size=predictor.batch_size,
-            amp=predictor.amp,
-        )
+        prob = sliding_window_probability(predictor.model, image, **predictor.window_options())
         truth = group[0].mask.read(image.shape[:2]) > 0
         for tile in group:
             y0, y1, x0, x1 = tile.window

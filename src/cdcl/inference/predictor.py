@@ -36,6 +36,16 @@ class Predictor:
     amp: bool
     config: Config
 
+    def window_options(self) -> dict[str, Any]:
+        """How the model runs over an image: the keyword options of ``cdcl.inference.window.start_probability``."""
+        return {
+            "window": self.window,
+            "overlap": self.overlap,
+            "batch_size": self.batch_size,
+            "device": self.device,
+            "amp": self.amp,
+        }
+
 
 def model_from_checkpoint(payload: dict[str, Any], path: str | Path, weights: str | None = None) -> torch.nn.Module:
     """Rebuild the architecture from the stored config and load the chosen weights strictly."""
@@ -80,13 +90,5 @@ def load_predictor(path: str | Path, device: str = "auto", batch_size: int | Non
 
 def predict_instances(predictor: Predictor, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(prediction maps, instance labels) of one image with the predictor's window and thresholds."""
-    prob = sliding_window_probability(
-        predictor.model,
-        image,
-        window=predictor.window,
-        overlap=predictor.overlap,
-        batch_size=predictor.batch_size,
-        device=predictor.device,
-        amp=predictor.amp,
-    )
+    prob = sliding_window_probability(predictor.model, image, **predictor.window_options())
     return prob, instances_from_maps(prob, predictor.postprocess)

@@ -182,15 +182,7 @@ def _predict_tiles(
         previous = None
         for item in from_workers(loader):
             item["image"] = item["image"].numpy()
-            prob = start_probability(
-                predictor.model,
-                item["image"],
-                window=predictor.window,
-                overlap=predictor.overlap,
-                batch_size=predictor.batch_size,
-                device=predictor.device,
-                amp=predictor.amp,
-            )
+            prob = start_probability(predictor.model, item["image"], **predictor.window_options())
             if previous is not None:
                 post_process(*previous)
             previous = (item, prob)
