@@ -1,10 +1,10 @@
-# Two set-up commands: `make demo` (the embedded synthetic default) and `make test` (the test suite).
+# Two set-up commands: `make demo` (the embedded synthetic default) and `make test` (ruff, then the test suite).
 # Both create .venv when missing and install the package with everything it needs.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo test lint install clean
 
 $(BIN)/cdcl: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,11 +16,12 @@ install: $(BIN)/cdcl
 demo: install
 	$(BIN)/cdcl demo --out cdcl-demo
 
-test: install
-	$(BIN)/python -m pytest -q
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
-test-slow: install
-	$(BIN)/python -m pytest -q -m slow
+test: lint
+	$(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) cdcl-demo

@@ -1,6 +1,6 @@
-"""Speed of the nucleus exports (``cdcl.export``) against the code they replaced, on real MoNuSeg label maps:
+"""Speed of the nucleus exports (``cdcl.instances.export``) against the code they replaced, on real MoNuSeg label maps:
 ``label_perimeters`` vs ``regionprops_table(..., "perimeter")``, ``nuclei_table`` vs per-pixel moments with the
-regionprops perimeter (``reference_table`` in tests/test_export.py), and ``nuclei_polygons`` vs the per-nucleus
+regionprops perimeter (``reference_table`` in cdcl/testing/exports.py), and ``nuclei_polygons`` vs the per-nucleus
 ``find_contours`` loop (``reference_polygons``). Every output is compared with the old one: polygons and table rows
 must be identical.
 
@@ -15,9 +15,7 @@ takes the fastest of its repeats (the least disturbed by other processes on a sh
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,18 +23,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the old code, as references, lives with the tests
 
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402
 import skimage  # noqa: E402
 from skimage.measure import find_contours, regionprops_table  # noqa: E402
 
-from cdcl import export  # noqa: E402
 from cdcl.data import read_image, read_label_image  # noqa: E402
+from cdcl.instances import export  # noqa: E402
 from cdcl.io import write_json_atomic, write_text_atomic  # noqa: E402
-from provenance import git_commit  # noqa: E402
-from test_export import reference_polygons, reference_table  # noqa: E402
+from cdcl.testing.exports import reference_polygons, reference_table  # noqa: E402
+
+from provenance import git_commit, machine  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 TRAIN = REPO.parent / "shared" / "data" / "monuseg" / "train"
@@ -55,9 +53,15 @@ def whole_foreground_contours(labels: np.ndarray) -> list[np.ndarray]:
 
 
 STEPS: dict[str, tuple[Callable, Callable]] = {
-    "perimeter": (lambda labels, image: regionprops_perimeters(labels), lambda labels, image: export.label_perimeters(labels)),
+    "perimeter": (
+        lambda labels, image: regionprops_perimeters(labels),
+        lambda labels, image: export.label_perimeters(labels),
+    ),
     "nuclei_table": (reference_table, export.nuclei_table),
-    "nuclei_polygons": (lambda labels, image: reference_polygons(labels), lambda labels, image: export.nuclei_polygons(labels)),
+    "nuclei_polygons": (
+        lambda labels, image: reference_polygons(labels),
+        lambda labels, image: export.nuclei_polygons(labels),
+    ),
 }
 
 
@@ -81,7 +85,8 @@ def bench_map(labels: np.ndarray, image: np.ndarray, repeats: int) -> dict:
     old_ids, old_perimeter = outputs["perimeter_old"]
     new_ids, new_perimeter = outputs["perimeter_new"]
     return {
-        "shape": list(labels.shape), "nuclei": len(outputs["nuclei_polygons_new"]),
+        "shape": list(labels.shape),
+        "nuclei": len(outputs["nuclei_polygons_new"]),
         "seconds": {name: min(values) for name, values in seconds.items()},
         "perimeter_ids_equal": bool(np.array_equal(old_ids, new_ids)),
         "perimeter_max_abs_diff": float(np.abs(old_perimeter - new_perimeter).max()) if len(new_ids) else 0.0,
@@ -110,13 +115,13 @@ def mosaic(stems: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return labels, image
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
-            "scipy": scipy.__version__, "scikit-image": skimage.__version__, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+def versions() -> dict:
+    return {
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "scikit-image": skimage.__version__,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+    }
 
 
 def totals(maps: list[dict]) -> dict:
@@ -125,43 +130,65 @@ def totals(maps: list[dict]) -> dict:
 
 def markdown(r: dict) -> str:
     m = r["machine"]
-    lines = ["# Nucleus export speed: whole-map array code vs per-region scikit-image", "",
-             f"Command: `{r['command']}`  ", f"Commit: {r['git_commit']}  ",
-             f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, OMP_NUM_THREADS={m['OMP_NUM_THREADS']}, numpy {m['numpy']}, "
-             f"scipy {m['scipy']}, scikit-image {m['scikit-image']}; load average at start {r['loadavg_start']}, at end "
-             f"{r['loadavg_end']}; total {r['seconds_total']:.0f} s.", "",
-             f"Label maps: {r['masks']} MoNuSeg training masks ({r['nuclei_masks']} nuclei, ~1000x1000 px each), and a "
-             f"{MOSAIC}x{MOSAIC} mosaic of four of them ({r['mosaic']['nuclei']} nuclei, the size of a predict-wsi "
-             f"tile). Seconds: the fastest of {r['repeats']} interleaved runs per map, summed over the masks.", "",
-             "| step | old s (masks) | new s (masks) | ratio | old s (mosaic) | new s (mosaic) | ratio |",
-             "|---|---|---|---|---|---|---|"]
-    old_code = {"perimeter": "`regionprops_table(..., 'perimeter')` -> `label_perimeters`",
-                "nuclei_table": "`nuclei_table` (per-pixel moments + regionprops perimeter -> row runs + `label_perimeters`)",
-                "nuclei_polygons": "`nuclei_polygons` (find_contours per nucleus -> whole map)"}
+    lines = [
+        "# Nucleus export speed: whole-map array code vs per-region scikit-image",
+        "",
+        f"Command: `{r['command']}`  ",
+        f"Commit: {r['git_commit']}  ",
+        f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, OMP_NUM_THREADS={m['OMP_NUM_THREADS']}, numpy {m['numpy']}, "
+        f"scipy {m['scipy']}, scikit-image {m['scikit-image']}; load average at start {r['loadavg_start']}, at end "
+        f"{r['loadavg_end']}; total {r['seconds_total']:.0f} s.",
+        "",
+        f"Label maps: {r['masks']} MoNuSeg training masks ({r['nuclei_masks']} nuclei, ~1000x1000 px each), and a "
+        f"{MOSAIC}x{MOSAIC} mosaic of four of them ({r['mosaic']['nuclei']} nuclei, the size of a predict-wsi "
+        f"tile). Seconds: the fastest of {r['repeats']} interleaved runs per map, summed over the masks.",
+        "",
+        "| step | old s (masks) | new s (masks) | ratio | old s (mosaic) | new s (mosaic) | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    old_code = {
+        "perimeter": "`regionprops_table(..., 'perimeter')` -> `label_perimeters`",
+        "nuclei_table": "`nuclei_table` (per-pixel moments + regionprops perimeter -> row runs + `label_perimeters`)",
+        "nuclei_polygons": "`nuclei_polygons` (find_contours per nucleus -> whole map)",
+    }
     masks, tile = r["seconds_masks"], r["mosaic"]["seconds"]
     for step, name in old_code.items():
         old, new = f"{step}_old", f"{step}_new"
-        lines.append(f"| {name} | {masks[old]:.3f} | {masks[new]:.3f} | {masks[old] / masks[new]:.1f}x | "
-                     f"{tile[old]:.3f} | {tile[new]:.3f} | {tile[old] / tile[new]:.1f}x |")
+        lines.append(
+            f"| {name} | {masks[old]:.3f} | {masks[new]:.3f} | {masks[old] / masks[new]:.1f}x | "
+            f"{tile[old]:.3f} | {tile[new]:.3f} | {tile[old] / tile[new]:.1f}x |"
+        )
     old = masks["nuclei_table_old"] + masks["nuclei_polygons_old"]
     new = masks["nuclei_table_new"] + masks["nuclei_polygons_new"]
-    tile_old, tile_new = tile["nuclei_table_old"] + tile["nuclei_polygons_old"], tile["nuclei_table_new"] + tile["nuclei_polygons_new"]
-    lines.append(f"| table + polygons | {old:.3f} | {new:.3f} | {old / new:.1f}x | {tile_old:.3f} | {tile_new:.3f} | "
-                 f"{tile_old / tile_new:.1f}x |")
+    tile_old, tile_new = (
+        tile["nuclei_table_old"] + tile["nuclei_polygons_old"],
+        tile["nuclei_table_new"] + tile["nuclei_polygons_new"],
+    )
+    lines.append(
+        f"| table + polygons | {old:.3f} | {new:.3f} | {old / new:.1f}x | {tile_old:.3f} | {tile_new:.3f} | "
+        f"{tile_old / tile_new:.1f}x |"
+    )
     c = r["checks"]
-    lines += ["", f"Outputs: polygons identical to the per-nucleus reference on {c['polygons_identical']} of {c['maps']} "
-              f"maps; table rows identical on {c['table_identical']} of {c['maps']}; perimeter ids equal on "
-              f"{c['perimeter_ids_equal']} of {c['maps']}, largest perimeter difference from regionprops "
-              f"{c['perimeter_max_abs_diff']:.1e} px (summation order).", "",
-              f"For scale: one find_contours call on the whole foreground of each map (all nuclei at once, as any "
-              f"batching of find_contours calls would need at least) takes {masks['find_contours_whole_foreground']:.3f} s "
-              f"over the masks ({masks['find_contours_whole_foreground'] / masks['nuclei_polygons_new']:.1f}x "
-              f"`nuclei_polygons`) and {tile['find_contours_whole_foreground']:.3f} s on the mosaic: find_contours "
-              "assembles every boundary cell's segments in Python, whether it is called per nucleus or once.", ""]
+    lines += [
+        "",
+        f"Outputs: polygons identical to the per-nucleus reference on {c['polygons_identical']} of {c['maps']} "
+        f"maps; table rows identical on {c['table_identical']} of {c['maps']}; perimeter ids equal on "
+        f"{c['perimeter_ids_equal']} of {c['maps']}, largest perimeter difference from regionprops "
+        f"{c['perimeter_max_abs_diff']:.1e} px (summation order).",
+        "",
+        f"For scale: one find_contours call on the whole foreground of each map (all nuclei at once, as any "
+        f"batching of find_contours calls would need at least) takes {masks['find_contours_whole_foreground']:.3f} s "
+        f"over the masks ({masks['find_contours_whole_foreground'] / masks['nuclei_polygons_new']:.1f}x "
+        f"`nuclei_polygons`) and {tile['find_contours_whole_foreground']:.3f} s on the mosaic: find_contours "
+        "assembles every boundary cell's segments in Python, whether it is called per nucleus or once.",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def write_results(result: dict, name: str, start: float, out: Path | None, quick: bool, render: Callable[[dict], str]) -> None:
+def write_results(
+    result: dict, name: str, start: float, out: Path | None, quick: bool, render: Callable[[dict], str]
+) -> None:
     """Close ``result`` (load average at the end, total seconds), write ``<name>.json`` and the Markdown table
     ``render`` makes of it to ``out`` (default benchmarks/results; a temporary folder for a quick run), print it."""
     result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -178,30 +205,49 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 masks, 1 repeat")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per map; the fastest counts")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"results folder (default {RESULTS.relative_to(REPO)}; with --quick a temporary folder)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"results folder (default {RESULTS.relative_to(REPO)}; with --quick a temporary folder)",
+    )
     args = parser.parse_args()
     start, load_start = time.perf_counter(), os.getloadavg()
     stems = sorted(p.stem for p in (TRAIN / "masks").glob("*.png"))[: 3 if args.quick else None]
     repeats = 1 if args.quick else args.repeats
-    result = {"command": " ".join(["python", "benchmarks/export_speed.py", *sys.argv[1:]]), "git_commit": git_commit(),
-              "machine": machine(), "loadavg_start": [round(x, 2) for x in load_start], "repeats": repeats,
-              "masks": len(stems)}
+    result = {
+        "command": " ".join(["python", "benchmarks/export_speed.py", *sys.argv[1:]]),
+        "git_commit": git_commit(),
+        "machine": machine(**versions()),
+        "loadavg_start": [round(x, 2) for x in load_start],
+        "repeats": repeats,
+        "masks": len(stems),
+    }
     maps = {}
     for stem in stems:
         maps[stem] = bench_map(*load(stem), repeats)
-        print(f"{stem}: {maps[stem]['nuclei']} nuclei, " + ", ".join(f"{k} {v:.3f}" for k, v in maps[stem]["seconds"].items()), flush=True)
+        print(
+            f"{stem}: {maps[stem]['nuclei']} nuclei, "
+            + ", ".join(f"{k} {v:.3f}" for k, v in maps[stem]["seconds"].items()),
+            flush=True,
+        )
     result["maps"] = maps
     result["nuclei_masks"] = sum(m["nuclei"] for m in maps.values())
     result["seconds_masks"] = totals(list(maps.values()))
     result["mosaic"] = bench_map(*mosaic(stems), repeats)
     everything = [*maps.values(), result["mosaic"]]
-    result["checks"] = {"maps": len(everything),
-                        **{k: sum(m[k] for m in everything) for k in ("polygons_identical", "table_identical", "perimeter_ids_equal")},
-                        "perimeter_max_abs_diff": max(m["perimeter_max_abs_diff"] for m in everything)}
+    result["checks"] = {
+        "maps": len(everything),
+        **{k: sum(m[k] for m in everything) for k in ("polygons_identical", "table_identical", "perimeter_ids_equal")},
+        "perimeter_max_abs_diff": max(m["perimeter_max_abs_diff"] for m in everything),
+    }
     write_results(result, "export_speed", start, args.out, args.quick, markdown)
     checks = result["checks"]
-    return 0 if checks["polygons_identical"] == checks["table_identical"] == checks["perimeter_ids_equal"] == checks["maps"] else 1
+    return (
+        0
+        if checks["polygons_identical"] == checks["table_identical"] == checks["perimeter_ids_equal"] == checks["maps"]
+        else 1
+    )
 
 
 if __name__ == "__main__":

@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cdcl.checkpoint import load_predictor
 from cdcl.config import load_config
 from cdcl.data import load_dataset, read_image
 from cdcl.data.splits import read_split_file
-from cdcl.infer import sliding_window_probability
+from cdcl.inference.predictor import load_predictor
+from cdcl.inference.window import sliding_window_probability
 from cdcl.io import write_json_atomic, write_text_atomic
+
 from provenance import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,8 +48,7 @@ def teacher_stats(run: Path, thresholds: tuple[float, ...]) -> dict:
     pixels = 0
     for path, group in tqdm(by_image.items(), desc=run.name, unit="image"):
         image = read_image(path)  # the whole image once: its tiles share the sliding-window context
-        prob = sliding_window_probability(predictor.model, image, window=predictor.window, overlap=predictor.overlap,
-                                          batch_size=predictor.batch_size, amp=predictor.amp)
+        prob = sliding_window_probability(predictor.model, image, **predictor.window_options())
         truth = group[0].mask.read(image.shape[:2]) > 0
         for tile in group:
             y0, y1, x0, x1 = tile.window
@@ -61,21 +61,40 @@ def teacher_stats(run: Path, thresholds: tuple[float, ...]) -> dict:
     rows = []
     for t in thresholds:
         sure, sure_right, wrong, wrong_sure = counts[t]
-        rows.append({"threshold": t, "coverage": sure / pixels, "confident_accuracy": sure_right / max(sure, 1),
-                     "errors_confident": wrong_sure / max(wrong, 1), "pixel_accuracy": 1 - wrong / pixels})
-    return {"run": str(run.relative_to(REPO) if run.is_relative_to(REPO) else run), "method": config.method.name,
-            "tiles": len(tiles), "pixels": pixels, "rows": rows}
+        rows.append(
+            {
+                "threshold": t,
+                "coverage": sure / pixels,
+                "confident_accuracy": sure_right / max(sure, 1),
+                "errors_confident": wrong_sure / max(wrong, 1),
+                "pixel_accuracy": 1 - wrong / pixels,
+            }
+        )
+    return {
+        "run": str(run.relative_to(REPO) if run.is_relative_to(REPO) else run),
+        "method": config.method.name,
+        "tiles": len(tiles),
+        "pixels": pixels,
+        "rows": rows,
+    }
 
 
 def markdown(result: dict) -> str:
-    lines = ["# Teacher pseudo-labels on the unlabeled tiles (ground truth known)", "",
-             f"Command: `{result['command']}`", "",
-             "| run | threshold | coverage | accuracy of confident pixels | share of errors that are confident | "
-             "pixel accuracy |", "|---|---|---|---|---|---|"]
+    lines = [
+        "# Teacher pseudo-labels on the unlabeled tiles (ground truth known)",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        "| run | threshold | coverage | accuracy of confident pixels | share of errors that are confident | "
+        "pixel accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
     for run in result["runs"]:
         for r in run["rows"]:
-            lines.append(f"| {run['run']} | {r['threshold']} | {r['coverage']:.3f} | {r['confident_accuracy']:.4f} | "
-                         f"{r['errors_confident']:.3f} | {r['pixel_accuracy']:.4f} |")
+            lines.append(
+                f"| {run['run']} | {r['threshold']} | {r['coverage']:.3f} | {r['confident_accuracy']:.4f} | "
+                f"{r['errors_confident']:.3f} | {r['pixel_accuracy']:.4f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -84,9 +103,13 @@ def main() -> None:
     parser.add_argument("--run", action="append", type=Path, required=True, help="a run folder (config.yaml + best.pt)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
-    result = {"command": " ".join(["python", "benchmarks/pseudo_labels.py", *sys.argv[1:]]), "commit": git_commit(),
-              "platform": platform.platform(), "cpus": os.cpu_count(),
-              "runs": [teacher_stats(run.resolve(), THRESHOLDS) for run in args.run]}
+    result = {
+        "command": " ".join(["python", "benchmarks/pseudo_labels.py", *sys.argv[1:]]),
+        "commit": git_commit(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "runs": [teacher_stats(run.resolve(), THRESHOLDS) for run in args.run],
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "pseudo_labels.json", result)
     write_text_atomic(args.out / "pseudo_labels.md", markdown(result))

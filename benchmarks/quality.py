@@ -16,20 +16,20 @@ import fcntl
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from provenance import git_commit
+from cdcl.vocab import METHODS
+
+from provenance import accelerator_machine, git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "runs"
 DEFAULT_DATA = "../shared/data"  # relative to the repository root, as in the configs
-METHODS = ("supervised", "mean_teacher", "fixmatch", "cdcl")
 METRICS = ("dice", "iou", "aji", "pq", "precision")
 FRACTIONS = {"1-32": 1 / 32, "1-16": 1 / 16, "1-8": 1 / 8, "full": 1.0}
 ABLATIONS = {
@@ -123,13 +123,6 @@ def select(runs: list[Run], prefixes: list[str]) -> list[Run]:
     return sorted((r for r in runs if rank[r.key] is not None), key=lambda r: rank[r.key])
 
 
-def machine() -> dict:
-    import torch
-
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
 def load_results() -> dict:
     path = RESULTS / "quality.json"
     return json.loads(path.read_text()) if path.exists() else {"runs": {}}
@@ -154,8 +147,22 @@ def cdcl(*args: str) -> list[str]:
 def ensure_split(run: Run, data: str) -> None:
     if (run.split_dir / "labeled.txt").exists():
         return
-    subprocess.run(cdcl("split", data, "--format", run.dataset, "--labeled", str(FRACTIONS[run.budget]),
-                        "--seed", str(run.seed), "--out", str(run.split_dir)), cwd=ROOT, check=True)
+    subprocess.run(
+        cdcl(
+            "split",
+            data,
+            "--format",
+            run.dataset,
+            "--labeled",
+            str(FRACTIONS[run.budget]),
+            "--seed",
+            str(run.seed),
+            "--out",
+            str(run.split_dir),
+        ),
+        cwd=ROOT,
+        check=True,
+    )
 
 
 def claim(run: Run) -> bool:
@@ -183,12 +190,30 @@ def execute(run: Run, extra: list[str], data_root: str = DEFAULT_DATA) -> dict:
     config = ROOT / "configs" / f"{run.dataset}_{run.method}.yaml"
     moved = [f"data.root={data}"] if data_root != DEFAULT_DATA else []
     sets = [f"data.split_dir={run.split_dir}", f"train.seed={run.seed}", *moved, *run.overrides, *extra]
-    train_cmd = cdcl("train", "--config", str(config.relative_to(ROOT)), *[a for s in sets for a in ("--set", s)],
-                     "--out", str(run.run_dir.relative_to(ROOT)))
+    train_cmd = cdcl(
+        "train",
+        "--config",
+        str(config.relative_to(ROOT)),
+        *[a for s in sets for a in ("--set", s)],
+        "--out",
+        str(run.run_dir.relative_to(ROOT)),
+    )
     subprocess.run(train_cmd, cwd=ROOT, check=True)
     eval_dir = run.run_dir / "eval_test"
-    eval_cmd = cdcl("evaluate", "--checkpoint", str(run.run_dir / "best.pt"), "--data", data, "--format", run.dataset,
-                    "--split", str(run.split_dir / "test.txt"), "--out", str(eval_dir), "--no-overlays")
+    eval_cmd = cdcl(
+        "evaluate",
+        "--checkpoint",
+        str(run.run_dir / "best.pt"),
+        "--data",
+        data,
+        "--format",
+        run.dataset,
+        "--split",
+        str(run.split_dir / "test.txt"),
+        "--out",
+        str(eval_dir),
+        "--no-overlays",
+    )
     start = time.time()
     subprocess.run(eval_cmd, cwd=ROOT, check=True)
     eval_s = time.time() - start
@@ -197,14 +222,26 @@ def execute(run: Run, extra: list[str], data_root: str = DEFAULT_DATA) -> dict:
     val = [(r["iteration"], r["val/dice"]) for r in log if "val/dice" in r]
     steps = [r for r in log if "s_per_iter" in r]
     s_per_iter = [r["s_per_iter"] for r in steps]
-    train_s = sum(r["s_per_iter"] * (r["iteration"] - prev["iteration"]) for prev, r in zip([{"iteration": 0}] + steps, steps))
+    train_s = sum(
+        r["s_per_iter"] * (r["iteration"] - prev["iteration"]) for prev, r in zip([{"iteration": 0}] + steps, steps)
+    )
     return {
-        "dataset": run.dataset, "budget": run.budget, "seed": run.seed, "name": run.name, "method": run.method,
-        "mean": metrics["mean"], "pooled": metrics["pooled"], "val_dice_curve": val,
-        "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
+        "dataset": run.dataset,
+        "budget": run.budget,
+        "seed": run.seed,
+        "name": run.name,
+        "method": run.method,
+        "mean": metrics["mean"],
+        "pooled": metrics["pooled"],
+        "val_dice_curve": val,
+        "train_seconds": round(train_s, 1),
+        "eval_seconds": round(eval_s, 1),
         "median_s_per_iter": sorted(s_per_iter)[len(s_per_iter) // 2] if s_per_iter else None,
-        "train_command": " ".join(["cdcl", *train_cmd[3:]]), "eval_command": " ".join(["cdcl", *eval_cmd[3:]]),
-        "commit": git_commit(), "machine": machine(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "train_command": " ".join(["cdcl", *train_cmd[3:]]),
+        "eval_command": " ".join(["cdcl", *eval_cmd[3:]]),
+        "commit": git_commit(),
+        "machine": accelerator_machine(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
 
@@ -237,7 +274,8 @@ def speed(recs: list[dict]) -> str:
     for hw, runs in sorted(by.items()):
         cell = f"{hw} {median([r['median_s_per_iter'] for r in runs]):.2f}"
         if all("train_seconds" in r for r in runs):
-            cell += f", {median([r['train_seconds'] for r in runs]):.0f} + {median([r['eval_seconds'] for r in runs]):.0f} s"
+            train, evaluate = (median([r[key] for r in runs]) for key in ("train_seconds", "eval_seconds"))
+            cell += f", {train:.0f} + {evaluate:.0f} s"
         cells.append(cell + f" (n={len(runs)})")
     return "; ".join(cells) or "-"
 
@@ -245,9 +283,15 @@ def speed(recs: list[dict]) -> str:
 def paired_gaps(groups: dict, dataset: str = "monuseg") -> list[str]:
     """CDCL minus each baseline on the same split and seed, in Dice and AJI points: the target's test; the new
     model against the old one likewise."""
-    lines = ["| labeled | minuend | minus | seeds | Dice points | AJI points | PQ points |", "|---|---|---|---|---|---|---|"]
-    comparisons = [(f"cdcl{suffix}", f"{base}{suffix}") for suffix in ("", "-old")
-                   for base in ("supervised", "mean_teacher", "fixmatch")]
+    lines = [
+        "| labeled | minuend | minus | seeds | Dice points | AJI points | PQ points |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    comparisons = [
+        (f"cdcl{suffix}", f"{base}{suffix}")
+        for suffix in ("", "-old")
+        for base in ("supervised", "mean_teacher", "fixmatch")
+    ]
     comparisons += [(name, f"{name}-old") for name in METHODS]
     comparisons += [("supervised", f"supervised-{name}") for name in REPRESENTATION_VARIANTS]
     for budget in FRACTIONS:
@@ -256,8 +300,10 @@ def paired_gaps(groups: dict, dataset: str = "monuseg") -> list[str]:
             pairs = [(by_seed[r["seed"]], r) for r in groups.get((dataset, budget, base), []) if r["seed"] in by_seed]
             if pairs:
                 gaps = {k: [100 * (c["mean"][k] - b["mean"][k]) for c, b in pairs] for k in ("dice", "aji", "pq")}
-                lines.append(f"| {budget.replace('-', '/')} | {minuend} | {base} | {len(pairs)} | "
-                             f"{mean_sd(gaps['dice'], 1)} | {mean_sd(gaps['aji'], 1)} | {mean_sd(gaps['pq'], 1)} |")
+                lines.append(
+                    f"| {budget.replace('-', '/')} | {minuend} | {base} | {len(pairs)} | "
+                    f"{mean_sd(gaps['dice'], 1)} | {mean_sd(gaps['aji'], 1)} | {mean_sd(gaps['pq'], 1)} |"
+                )
     return lines
 
 
@@ -267,16 +313,26 @@ def report(results: dict) -> None:
     for rec in results["runs"].values():
         groups.setdefault((rec["dataset"], rec["budget"], rec["name"]), []).append(rec)
     order = {b: i for i, b in enumerate(FRACTIONS)}
-    lines = ["| dataset | labeled | method | " + " | ".join(METRICS) + " | best val Dice | s/iter, s per run (train + test) by hardware |",
-             "|---|---|---|" + "---|" * (len(METRICS) + 2)]
+    lines = [
+        "| dataset | labeled | method | "
+        + " | ".join(METRICS)
+        + " | best val Dice | s/iter, s per run (train + test) by hardware |",
+        "|---|---|---|" + "---|" * (len(METRICS) + 2),
+    ]
     for (ds, budget, name), recs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 9), kv[0][2])):
         cells = [mean_sd([r["mean"][k] for r in recs]) for k in METRICS]
         best_val = mean_sd([max(v for _, v in r["val_dice_curve"]) for r in recs if r["val_dice_curve"]])
-        lines.append(f"| {ds} | {budget.replace('-', '/')} | {name} | " + " | ".join(cells) + f" | {best_val} | {speed(recs)} |")
-    text = ("Per-image mean over the test images; ± is the sample standard deviation over seeded splits "
-            "(n = number of seeds). 'best val Dice' is the checkpoint kept (chosen on the validation images).\n\n"
-            + "\n".join(lines) + "\n\nPaired on split and seed (mean ± sd of the per-seed differences):\n\n"
-            + "\n\n".join(f"{ds}:\n\n" + "\n".join(paired_gaps(groups, ds)) for ds in ("monuseg", "dsb2018")) + "\n")
+        lines.append(
+            f"| {ds} | {budget.replace('-', '/')} | {name} | " + " | ".join(cells) + f" | {best_val} | {speed(recs)} |"
+        )
+    text = (
+        "Per-image mean over the test images; ± is the sample standard deviation over seeded splits "
+        "(n = number of seeds). 'best val Dice' is the checkpoint kept (chosen on the validation images).\n\n"
+        + "\n".join(lines)
+        + "\n\nPaired on split and seed (mean ± sd of the per-seed differences):\n\n"
+        + "\n\n".join(f"{ds}:\n\n" + "\n".join(paired_gaps(groups, ds)) for ds in ("monuseg", "dsb2018"))
+        + "\n"
+    )
     (RESULTS / "quality.md").write_text(text)
     plot(groups)
 
@@ -314,8 +370,12 @@ def plot(groups: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", action="append", default=[],
-                        help="run keys starting with this prefix (repeatable; runs follow the order of the prefixes)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        help="run keys starting with this prefix (repeatable; runs follow the order of the prefixes)",
+    )
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--set", action="append", default=[], help="extra config override for every run")

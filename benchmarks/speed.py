@@ -17,7 +17,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,23 +26,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the naive loop reference lives with the tests
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import cdcl.methods.cdcl as cdcl_method  # noqa: E402
-from cdcl.config import METHODS, Config, load_config  # noqa: E402
-from cdcl.infer import pad_to, sliding_window_probability, window_layout  # noqa: E402
+from cdcl.config import Config, load_config  # noqa: E402
+from cdcl.inference.window import pad_to, sliding_window_probability, window_layout  # noqa: E402
+from cdcl.instances.postprocess import PostprocessParams, instances_from_probability  # noqa: E402
 from cdcl.io import write_json_atomic, write_text_atomic  # noqa: E402
-from cdcl.losses import patch_contrastive_loss  # noqa: E402
-from provenance import git_commit  # noqa: E402
 from cdcl.methods import build_method  # noqa: E402
+from cdcl.methods.losses import patch_contrastive_loss  # noqa: E402
 from cdcl.models import build_model  # noqa: E402
-from cdcl.postprocess import PostprocessParams, instances_from_probability  # noqa: E402
-from cdcl.slide import tile_nuclei_json  # noqa: E402
-from cdcl.train import build_optimizer, update_ema  # noqa: E402
+from cdcl.training.engine import build_optimizer, update_ema  # noqa: E402
+from cdcl.vocab import METHODS  # noqa: E402
+from cdcl.wsi.worker import tile_nuclei_json  # noqa: E402
+
+from provenance import git_commit, machine  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 TEST_IMAGES = REPO.parent / "shared" / "data" / "monuseg" / "test" / "images"
@@ -75,9 +75,15 @@ def contrastive_inputs(n: int, m: int, d: int, seed: int = 0) -> dict:
         dominant = torch.randint(0, 2, (rows,), generator=gen).float()
         return torch.where(torch.rand(rows, generator=gen) < 0.5, torch.rand(rows, generator=gen), dominant)
 
-    return {"anchors": unit(n), "positives": unit(n), "bank": unit(m),
-            "anchor_labels": torch.randint(0, 2, (n,), generator=gen), "bank_labels": torch.randint(0, 2, (m,), generator=gen),
-            "anchor_fc": fc(n), "bank_fc": fc(m)}
+    return {
+        "anchors": unit(n),
+        "positives": unit(n),
+        "bank": unit(m),
+        "anchor_labels": torch.randint(0, 2, (n,), generator=gen),
+        "bank_labels": torch.randint(0, 2, (m,), generator=gen),
+        "anchor_fc": fc(n),
+        "bank_fc": fc(m),
+    }
 
 
 def bench_contrastive(sizes: list[tuple[int, int, int]], train_size: tuple[int, int, int], repeats: int) -> list[dict]:
@@ -86,7 +92,7 @@ def bench_contrastive(sizes: list[tuple[int, int, int]], train_size: tuple[int, 
     The training-size row (anchors x bank of a real CDCL step) times the dense loss alone, forward and
     forward+backward: the naive loop would take many minutes there.
     """
-    from reference_contrastive import naive_patch_contrastive_loss
+    from cdcl.testing.contrastive import naive_patch_contrastive_loss
 
     hyper = {"temperature": 0.1, "bdp": 0.2, "fdp": 0.8}
     rows = []
@@ -96,12 +102,23 @@ def bench_contrastive(sizes: list[tuple[int, int, int]], train_size: tuple[int, 
         naive: list[float] = []
         naive_s = seconds(lambda: naive.extend(naive_patch_contrastive_loss(*x.values(), **hyper)))
         fast_s = median_seconds(lambda: patch_contrastive_loss(**x, **hyper), repeats)
-        fast64 = patch_contrastive_loss(**{k: v.double() if v.is_floating_point() else v for k, v in x.items()}, **hyper)
+        fast64 = patch_contrastive_loss(
+            **{k: v.double() if v.is_floating_point() else v for k, v in x.items()}, **hyper
+        )
         naive_t = torch.tensor(naive, dtype=torch.float64)
-        rows.append({"anchors": n, "bank": m, "dim": d, "seconds_dense": fast_s, "seconds_naive": naive_s,
-                     "speedup": naive_s / fast_s, "mean_loss": float(naive_t.mean()),
-                     "max_abs_diff_float32": float((fast.double() - naive_t).abs().max()),
-                     "max_abs_diff_float64": float((fast64 - naive_t).abs().max())})
+        rows.append(
+            {
+                "anchors": n,
+                "bank": m,
+                "dim": d,
+                "seconds_dense": fast_s,
+                "seconds_naive": naive_s,
+                "speedup": naive_s / fast_s,
+                "mean_loss": float(naive_t.mean()),
+                "max_abs_diff_float32": float((fast.double() - naive_t).abs().max()),
+                "max_abs_diff_float64": float((fast64 - naive_t).abs().max()),
+            }
+        )
     n, m, d = train_size
     x = contrastive_inputs(n, m, d)
     x["anchors"].requires_grad_(True)
@@ -111,8 +128,16 @@ def bench_contrastive(sizes: list[tuple[int, int, int]], train_size: tuple[int, 
 
     with torch.no_grad():
         forward_s = median_seconds(lambda: patch_contrastive_loss(**x, **hyper), repeats)
-    rows.append({"anchors": n, "bank": m, "dim": d, "seconds_dense": forward_s,
-                 "seconds_dense_forward_backward": median_seconds(forward_backward, repeats), "seconds_naive": None})
+    rows.append(
+        {
+            "anchors": n,
+            "bank": m,
+            "dim": d,
+            "seconds_dense": forward_s,
+            "seconds_dense_forward_backward": median_seconds(forward_backward, repeats),
+            "seconds_naive": None,
+        }
+    )
     return rows
 
 
@@ -121,8 +146,9 @@ def bench_contrastive(sizes: list[tuple[int, int, int]], train_size: tuple[int, 
 
 def method_config(name: str, extra: tuple[str, ...] = ()) -> Config:
     """cpu-small with every unlabeled term active from the first step (no warm-up, threshold 0)."""
-    return load_config(None, [f"method.name={name}", "method.warmup_iters=0", "method.threshold=0.0",
-                              "train.device=cpu", *extra])
+    return load_config(
+        None, [f"method.name={name}", "method.warmup_iters=0", "method.threshold=0.0", "train.device=cpu", *extra]
+    )
 
 
 def random_batches(seed: int = 0) -> tuple[dict, dict]:
@@ -133,7 +159,8 @@ def random_batches(seed: int = 0) -> tuple[dict, dict]:
 
 
 class Trainer:
-    """One method's student, EMA teacher, optimizer and step counter; ``step`` mirrors ``cdcl.train``'s loop."""
+    """One method's student, EMA teacher, optimizer and step counter; ``step`` mirrors the loop of
+    ``cdcl.training.engine``."""
 
     def __init__(self, config: Config) -> None:
         torch.manual_seed(0)  # every method starts from the same weights
@@ -147,8 +174,9 @@ class Trainer:
 
     def step(self, labeled: dict, unlabeled: dict) -> None:
         cfg = self.config
-        terms = self.method.losses(self.student, self.teacher, labeled,
-                                   unlabeled if self.method.uses_unlabeled else None, self.iteration)
+        terms = self.method.losses(
+            self.student, self.teacher, labeled, unlabeled if self.method.uses_unlabeled else None, self.iteration
+        )
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         if cfg.optim.grad_clip > 0:
@@ -198,8 +226,11 @@ def bench_training(warmup: int, timed: int) -> dict:
     median = {name: statistics.median(t) for name, t in times.items()}
     full, without = median["cdcl"], median[NO_CONTRASTIVE]
     return {
-        "batch": {"labeled": BATCH, "unlabeled": BATCH, "crop": CROP}, "warmup_steps": warmup, "timed_steps": timed,
-        "seconds_per_step": median, "all_step_seconds": times,
+        "batch": {"labeled": BATCH, "unlabeled": BATCH, "crop": CROP},
+        "warmup_steps": warmup,
+        "timed_steps": timed,
+        "seconds_per_step": median,
+        "all_step_seconds": times,
         "ratio_to_supervised": {name: s / median["supervised"] for name, s in median.items()},
         "cdcl_contrastive_forward_seconds": statistics.median(contrastive_forward),
         "cdcl_contrastive_forward_share": statistics.median(contrastive_forward) / full,
@@ -232,17 +263,35 @@ def memory_child(name: str, steps: int) -> dict:
     for _ in range(steps):
         trainer.step(labeled, unlabeled)
     peak = proc_status_kb("VmHWM")
-    return {"rss_after_build_mb": after_build / 1024, "peak_rss_mb": peak / 1024,
-            "step_peak_over_build_mb": (peak - after_build) / 1024, "steps": steps}
+    return {
+        "rss_after_build_mb": after_build / 1024,
+        "peak_rss_mb": peak / 1024,
+        "step_peak_over_build_mb": (peak - after_build) / 1024,
+        "steps": steps,
+    }
 
 
 def bench_memory(steps: int, threads: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     out = {}
     for name in METHODS:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child-memory", name,
-                               "--steps", str(steps), "--threads", str(threads)],
-                              capture_output=True, text=True, env=env, cwd=REPO, check=False)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--child-memory",
+                name,
+                "--steps",
+                str(steps),
+                "--threads",
+                str(threads),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=REPO,
+            check=False,
+        )
         if proc.returncode != 0:
             raise SystemExit(f"memory child for {name} failed:\n{proc.stderr[-3000:]}")
         out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -254,7 +303,7 @@ def bench_memory(steps: int, threads: int) -> dict:
 
 def inference_model(checkpoint: str | None) -> tuple[torch.nn.Module, Config, PostprocessParams, str]:
     if checkpoint:
-        from cdcl.checkpoint import load_predictor
+        from cdcl.inference.predictor import load_predictor
 
         predictor = load_predictor(checkpoint, device="cpu")
         return predictor.model, predictor.config, predictor.postprocess, checkpoint
@@ -274,12 +323,15 @@ def bench_inference(checkpoint: str | None, image_name: str | None, repeats: int
     win_h, win_w, corners = window_layout(*image.shape[:2], infer.window, infer.overlap)
     padded = pad_to(image, win_h, win_w)
     crops = torch.from_numpy(np.stack([padded[y : y + win_h, x : x + win_w] for y, x in corners]))
-    batches = [crops[i : i + infer.batch_size].permute(0, 3, 1, 2).float() / 255
-               for i in range(0, len(crops), infer.batch_size)]
+    batches = [
+        crops[i : i + infer.batch_size].permute(0, 3, 1, 2).float() / 255
+        for i in range(0, len(crops), infer.batch_size)
+    ]
 
     def sliding() -> np.ndarray:
-        return sliding_window_probability(model, image, window=infer.window, overlap=infer.overlap,
-                                          batch_size=infer.batch_size, device="cpu")
+        return sliding_window_probability(
+            model, image, window=infer.window, overlap=infer.overlap, batch_size=infer.batch_size, device="cpu"
+        )
 
     def bare() -> None:
         with torch.inference_mode():
@@ -297,31 +349,33 @@ def bench_inference(checkpoint: str | None, image_name: str | None, repeats: int
     tile_s = [seconds(lambda: tile_nuclei_json(prob, image, params, whole, whole, 1.0)) for _ in range(repeats)]
     megapixels = image.shape[0] * image.shape[1] / 1e6
     sliding_min, bare_min, post_min = min(sliding_s), min(bare_s), min(post_s)
-    return {"model": source, "image": path.name, "image_px": list(image.shape[:2]), "window": infer.window,
-            "overlap": infer.overlap, "batch_size": infer.batch_size, "windows": len(corners), "repeats": repeats,
-            "seconds_sliding_window_all": sliding_s, "seconds_bare_forward_all": bare_s, "seconds_postprocess_all": post_s,
-            "seconds_sliding_window": sliding_min, "seconds_bare_forward": bare_min, "seconds_postprocess": post_min,
-            "megapixels_per_s_sliding_window": megapixels / sliding_min,
-            "megapixels_per_s_bare_forward": megapixels / bare_min,
-            "sliding_over_bare_throughput": bare_min / sliding_min,
-            "seconds_wsi_tile_postprocess_all": tile_s, "seconds_wsi_tile_postprocess": min(tile_s),
-            "nuclei": int(instances_from_probability(prob, params).max()), "postprocess_params": params.to_dict(),
-            "megapixels_per_s_end_to_end": megapixels / (sliding_min + post_min)}
+    return {
+        "model": source,
+        "image": path.name,
+        "image_px": list(image.shape[:2]),
+        "window": infer.window,
+        "overlap": infer.overlap,
+        "batch_size": infer.batch_size,
+        "windows": len(corners),
+        "repeats": repeats,
+        "seconds_sliding_window_all": sliding_s,
+        "seconds_bare_forward_all": bare_s,
+        "seconds_postprocess_all": post_s,
+        "seconds_sliding_window": sliding_min,
+        "seconds_bare_forward": bare_min,
+        "seconds_postprocess": post_min,
+        "megapixels_per_s_sliding_window": megapixels / sliding_min,
+        "megapixels_per_s_bare_forward": megapixels / bare_min,
+        "sliding_over_bare_throughput": bare_min / sliding_min,
+        "seconds_wsi_tile_postprocess_all": tile_s,
+        "seconds_wsi_tile_postprocess": min(tile_s),
+        "nuclei": int(instances_from_probability(prob, params).max()),
+        "postprocess_params": params.to_dict(),
+        "megapixels_per_s_end_to_end": megapixels / (sliding_min + post_min),
+    }
 
 
 # ---------------------------------------------------------------- report
-
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
 
 
 def fmt(x: float | None, digits: int = 3) -> str:
@@ -330,68 +384,108 @@ def fmt(x: float | None, digits: int = 3) -> str:
 
 def markdown(r: dict) -> str:
     m = r["machine"]
-    lines = ["# Speed and memory (cpu-small preset)", "",
-             f"Command: `{r['command']}`  ", f"Commit: {r['git_commit']}  ",
-             f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']}, {m['torch_threads']} torch thread(s); "
-             f"load average at start {r['loadavg_start']}, at end {r['loadavg_end']}; total {r['seconds_total']:.0f} s.", "",
-             f"Other work shared the machine (1-minute load average {r['loadavg_start'][0]} on {m['cpu_count']} CPUs at "
-             "the start): absolute seconds are only indicative; the ratios compare contenders measured side by side "
-             "(interleaved) in the same run.", "",
-             "## Dense contrastive loss vs the naive loop (`tests/reference_contrastive.py`)", "",
-             "| anchors N | bank M | dim D | dense s | naive s | speed-up | max abs diff (float32) | max abs diff (float64) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Speed and memory (cpu-small preset)",
+        "",
+        f"Command: `{r['command']}`  ",
+        f"Commit: {r['git_commit']}  ",
+        f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']}, {m['torch_threads']} torch thread(s); "
+        f"load average at start {r['loadavg_start']}, at end {r['loadavg_end']}; total {r['seconds_total']:.0f} s.",
+        "",
+        f"Other work shared the machine (1-minute load average {r['loadavg_start'][0]} on {m['cpu_count']} CPUs at "
+        "the start): absolute seconds are only indicative; the ratios compare contenders measured side by side "
+        "(interleaved) in the same run.",
+        "",
+        "## Dense contrastive loss vs the naive loop (`cdcl/testing/contrastive.py`)",
+        "",
+        "| anchors N | bank M | dim D | dense s | naive s | speed-up | max abs diff (float32) | max abs diff "
+        "(float64) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in r["contrastive"]:
         if row["seconds_naive"] is None:
             continue
-        lines.append(f"| {row['anchors']} | {row['bank']} | {row['dim']} | {fmt(row['seconds_dense'], 4)} | "
-                     f"{fmt(row['seconds_naive'], 2)} | {row['speedup']:.0f}x | {row['max_abs_diff_float32']:.2e} | "
-                     f"{row['max_abs_diff_float64']:.2e} |")
+        lines.append(
+            f"| {row['anchors']} | {row['bank']} | {row['dim']} | {fmt(row['seconds_dense'], 4)} | "
+            f"{fmt(row['seconds_naive'], 2)} | {row['speedup']:.0f}x | {row['max_abs_diff_float32']:.2e} | "
+            f"{row['max_abs_diff_float64']:.2e} |"
+        )
     big = r["contrastive"][-1]
-    lines += ["", f"At the training size (N={big['anchors']} anchors, M={big['bank']} bank entries, D={big['dim']}) "
-              f"the dense loss takes {fmt(big['seconds_dense'])} s forward and "
-              f"{fmt(big['seconds_dense_forward_backward'])} s forward+backward (naive: not run, far too slow).", ""]
+    lines += [
+        "",
+        f"At the training size (N={big['anchors']} anchors, M={big['bank']} bank entries, D={big['dim']}) "
+        f"the dense loss takes {fmt(big['seconds_dense'])} s forward and "
+        f"{fmt(big['seconds_dense_forward_backward'])} s forward+backward (naive: not run, far too slow).",
+        "",
+    ]
     t = r["training"]
-    lines += ["## Seconds per training iteration", "",
-              f"Batch: {t['batch']['labeled']} labeled + {t['batch']['unlabeled']} unlabeled crops of "
-              f"{t['batch']['crop']}x{t['batch']['crop']}, random tensors; warm-up 0 and threshold 0 so every term is "
-              f"active; {t['warmup_steps']} warm-up rounds, median of {t['timed_steps']} timed rounds, methods "
-              "interleaved round-robin.", "",
-              "| method | s / iteration | ratio to supervised |", "|---|---|---|"]
+    lines += [
+        "## Seconds per training iteration",
+        "",
+        f"Batch: {t['batch']['labeled']} labeled + {t['batch']['unlabeled']} unlabeled crops of "
+        f"{t['batch']['crop']}x{t['batch']['crop']}, random tensors; warm-up 0 and threshold 0 so every term is "
+        f"active; {t['warmup_steps']} warm-up rounds, median of {t['timed_steps']} timed rounds, methods "
+        "interleaved round-robin.",
+        "",
+        "| method | s / iteration | ratio to supervised |",
+        "|---|---|---|",
+    ]
     for name, s in t["seconds_per_step"].items():
         lines.append(f"| {name} | {s:.3f} | {t['ratio_to_supervised'][name]:.2f}x |")
-    lines += ["", "The lower bound of CDCL / supervised is about 2.3x (a teacher forward on the unlabeled batch plus a "
-              "student forward+backward on twice the images).",
-              f"Contrastive term inside a CDCL step: forward of `cross_patch_contrastive` "
-              f"{t['cdcl_contrastive_forward_seconds']:.3f} s ({100 * t['cdcl_contrastive_forward_share']:.1f}% of the "
-              f"step); whole term including the projector head and the backward pass, estimated as CDCL minus CDCL "
-              f"with w_contr=0: {t['cdcl_contrastive_total_seconds']:.3f} s "
-              f"({100 * t['cdcl_contrastive_total_share']:.1f}%; step-to-step noise makes this the rougher number).", ""]
-    lines += ["## Peak memory of a training step", "",
-              f"Each method in a fresh process, {next(iter(r['memory'].values()))['steps']} training steps; peak = the "
-              "process's resident high-water mark (`VmHWM`; `ru_maxrss` would include the forking parent's peak).", "",
-              "| method | RSS after model construction (MB) | peak RSS (MB) | peak - after construction (MB) |",
-              "|---|---|---|---|"]
+    lines += [
+        "",
+        "The lower bound of CDCL / supervised is about 2.3x (a teacher forward on the unlabeled batch plus a "
+        "student forward+backward on twice the images).",
+        f"Contrastive term inside a CDCL step: forward of `cross_patch_contrastive` "
+        f"{t['cdcl_contrastive_forward_seconds']:.3f} s ({100 * t['cdcl_contrastive_forward_share']:.1f}% of the "
+        f"step); whole term including the projector head and the backward pass, estimated as CDCL minus CDCL "
+        f"with w_contr=0: {t['cdcl_contrastive_total_seconds']:.3f} s "
+        f"({100 * t['cdcl_contrastive_total_share']:.1f}%; step-to-step noise makes this the rougher number).",
+        "",
+    ]
+    lines += [
+        "## Peak memory of a training step",
+        "",
+        f"Each method in a fresh process, {next(iter(r['memory'].values()))['steps']} training steps; peak = the "
+        "process's resident high-water mark (`VmHWM`; `ru_maxrss` would include the forking parent's peak).",
+        "",
+        "| method | RSS after model construction (MB) | peak RSS (MB) | peak - after construction (MB) |",
+        "|---|---|---|---|",
+    ]
     for name, mem in r["memory"].items():
-        lines.append(f"| {name} | {mem['rss_after_build_mb']:.0f} | {mem['peak_rss_mb']:.0f} | "
-                     f"{mem['step_peak_over_build_mb']:.0f} |")
+        lines.append(
+            f"| {name} | {mem['rss_after_build_mb']:.0f} | {mem['peak_rss_mb']:.0f} | "
+            f"{mem['step_peak_over_build_mb']:.0f} |"
+        )
     i = r["inference"]
-    lines += ["", "## Inference (CPU)", "",
-              f"Model: {i['model']}; image `{i['image']}` ({i['image_px'][0]}x{i['image_px'][1]}); window {i['window']}, "
-              f"overlap {i['overlap']}, batch {i['batch_size']}, {i['windows']} windows; fastest of {i['repeats']} interleaved "
-              "repeats (the least disturbed by the other processes).", "",
-              "| stage | seconds / image | megapixels / s |", "|---|---|---|",
-              f"| bare forward pass (same windows, pre-cut) | {i['seconds_bare_forward']:.2f} | "
-              f"{i['megapixels_per_s_bare_forward']:.3f} |",
-              f"| sliding_window_probability | {i['seconds_sliding_window']:.2f} | "
-              f"{i['megapixels_per_s_sliding_window']:.3f} |",
-              f"| instances_from_probability | {i['seconds_postprocess']:.2f} | - |",
-              f"| predict-wsi's per-tile post-processing (`tile_nuclei_json`: instances, measurements, polygons, "
-              f"JSON) | {i['seconds_wsi_tile_postprocess']:.2f} | - |",
-              f"| sliding window + post-processing | {i['seconds_sliding_window'] + i['seconds_postprocess']:.2f} | "
-              f"{i['megapixels_per_s_end_to_end']:.3f} |", "",
-              f"Sliding-window / bare forward throughput: {i['sliding_over_bare_throughput']:.2f}. "
-              f"Nuclei found: {i['nuclei']}" + (" (random weights: post-processing time is not representative)."
-                                               if i["model"].startswith("random") else "."), ""]
+    lines += [
+        "",
+        "## Inference (CPU)",
+        "",
+        f"Model: {i['model']}; image `{i['image']}` ({i['image_px'][0]}x{i['image_px'][1]}); window {i['window']}, "
+        f"overlap {i['overlap']}, batch {i['batch_size']}, {i['windows']} windows; fastest of {i['repeats']} "
+        "interleaved "
+        "repeats (the least disturbed by the other processes).",
+        "",
+        "| stage | seconds / image | megapixels / s |",
+        "|---|---|---|",
+        f"| bare forward pass (same windows, pre-cut) | {i['seconds_bare_forward']:.2f} | "
+        f"{i['megapixels_per_s_bare_forward']:.3f} |",
+        f"| sliding_window_probability | {i['seconds_sliding_window']:.2f} | "
+        f"{i['megapixels_per_s_sliding_window']:.3f} |",
+        f"| instances_from_probability | {i['seconds_postprocess']:.2f} | - |",
+        f"| predict-wsi's per-tile post-processing (`tile_nuclei_json`: instances, measurements, polygons, "
+        f"JSON) | {i['seconds_wsi_tile_postprocess']:.2f} | - |",
+        f"| sliding window + post-processing | {i['seconds_sliding_window'] + i['seconds_postprocess']:.2f} | "
+        f"{i['megapixels_per_s_end_to_end']:.3f} |",
+        "",
+        f"Sliding-window / bare forward throughput: {i['sliding_over_bare_throughput']:.2f}. "
+        f"Nuclei found: {i['nuclei']}"
+        + (
+            " (random weights: post-processing time is not representative)." if i["model"].startswith("random") else "."
+        ),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -401,8 +495,12 @@ def main() -> int:
     parser.add_argument("--checkpoint", default=None, help="trained weights for the inference part (default: random)")
     parser.add_argument("--image", default=None, help="MoNuSeg test image name (default: the first one)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: share a busy machine fairly)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"results folder (default {RESULTS.relative_to(REPO)}; with --quick a temporary folder)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"results folder (default {RESULTS.relative_to(REPO)}; with --quick a temporary folder)",
+    )
     parser.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -416,8 +514,17 @@ def main() -> int:
     bank = (cdcl_cfg.bank_capacity + 1) * 2 * cdcl_cfg.num_bank_samples
     embed = method_config("cdcl").model.embed_dim
     sizes = [(16, 256, 64)] if quick else [(64, 1024, 64), (256, 4096, 64), (256, 4096, 128), (1024, 8192, 64)]
-    result = {"command": " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]]), "git_commit": git_commit(),
-              "machine": machine(), "loadavg_start": [round(x, 2) for x in load_start], "quick": quick}
+    result = {
+        "command": " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]]),
+        "git_commit": git_commit(),
+        "machine": machine(
+            torch=torch.__version__,
+            torch_threads=torch.get_num_threads(),
+            OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS"),
+        ),
+        "loadavg_start": [round(x, 2) for x in load_start],
+        "quick": quick,
+    }
     print("contrastive loss ...", flush=True)
     result["contrastive"] = bench_contrastive(sizes, (cdcl_cfg.num_anchors, bank, embed), 3 if quick else 5)
     print("training steps ...", flush=True)

@@ -20,7 +20,7 @@ and .md with:
     python benchmarks/wsi_memory.py --checkpoint runs/x/best.pt [--device cuda] [--workers 8]
     python benchmarks/wsi_memory.py --stand-in --sizes 2048 8192      # pipeline only, no trained model
 
-`--stand-in` replaces the checkpoint by the pointwise stand-in model of tests/make_slide.py: it measures the
+`--stand-in` replaces the checkpoint by the pointwise stand-in model of cdcl/testing/slides.py: it measures the
 streaming machinery (reading, stitching, post-processing, writing) but not a real network.
 """
 
@@ -41,15 +41,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # make_slide: slide builder and stand-in model shared with the tests
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from provenance import git_commit  # noqa: E402
-from cdcl.infer import autocast, pad_to, window_layout  # noqa: E402
+from cdcl.inference.window import autocast, pad_to, window_layout  # noqa: E402
 from cdcl.io import write_json_atomic, write_text_atomic  # noqa: E402
-from cdcl.slide import Grid, choose_level, open_slide  # noqa: E402
+from cdcl.wsi.grid import Grid  # noqa: E402
+from cdcl.wsi.readers import choose_level, open_slide  # noqa: E402
+
+from provenance import git_commit  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 STAND_IN_WINDOW = 256
@@ -58,7 +59,7 @@ STAND_IN_WINDOW = 256
 def build_slide(folder: Path, side: int, compression: str, data: Path = SHARED_DATA) -> Path:
     """An all-tissue side x side pyramidal TIFF of MoNuSeg tiles (JPEG tiles by default, like scanner output);
     one already in ``folder`` (``--keep``) is reused."""
-    from make_slide import monuseg_mosaic, write_pyramid
+    from cdcl.testing.slides import monuseg_mosaic, write_pyramid
 
     path = folder / f"monuseg_{side}.tif"
     if path.is_file():
@@ -89,10 +90,28 @@ def run_predict_wsi(slide: Path, out: Path, args: argparse.Namespace, checkpoint
     """One `cdcl predict-wsi` run under /usr/bin/time -v; peak RSS (largest process and whole tree) + summary.
 
     Without /usr/bin/time (a bare GPU machine) only the process-tree peak sampled from /proc is reported."""
-    cli = [sys.executable, str(Path(__file__).resolve()), "--child-stand-in"] if args.stand_in else [sys.executable, "-m", "cdcl.cli"]
+    cli = (
+        [sys.executable, str(Path(__file__).resolve()), "--child-stand-in"]
+        if args.stand_in
+        else [sys.executable, "-m", "cdcl.cli"]
+    )
     timer = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
-    command = [*timer, *cli, "predict-wsi", "--checkpoint", checkpoint, str(slide), "--out", str(out),
-               "--tile", str(args.tile), "--halo", str(args.halo), "--device", args.device]
+    command = [
+        *timer,
+        *cli,
+        "predict-wsi",
+        "--checkpoint",
+        checkpoint,
+        str(slide),
+        "--out",
+        str(out),
+        "--tile",
+        str(args.tile),
+        "--halo",
+        str(args.halo),
+        "--device",
+        args.device,
+    ]
     if args.workers is not None:
         command += ["--workers", str(args.workers)]
     if args.batch_size:
@@ -119,13 +138,21 @@ def run_predict_wsi(slide: Path, out: Path, args: argparse.Namespace, checkpoint
         raise SystemExit(f"predict-wsi failed on {slide.name}:\n{stderr[-3000:]}")
     found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
     summary = json.loads((out / f"{slide.stem}_summary.json").read_text())
-    return {"slide_px": summary["level0_size"], "tiles": summary["tiles"]["tissue"], "nuclei": summary["nuclei"],
-            "workers": summary["workers"],
-            "peak_rss_mb": round(int(found.group(1)) / 1024, 1) if found else None, "peak_tree_rss_mb": round(peak_tree[0] / 1024, 1),
-            "megapixels": summary["megapixels_predicted"], "seconds_predict": summary["seconds_predict"],
-            "seconds_command": round(wall, 2), "megapixels_per_s": summary["megapixels_per_s"],
-            "megapixels_per_s_command": round(summary["megapixels_predicted"] / wall, 3),
-            "cpu_seconds_command": round(cpu_seconds, 1), "cpu_seconds_per_tile": round(cpu_seconds / summary["tiles"]["predicted_now"], 3)}
+    return {
+        "slide_px": summary["level0_size"],
+        "tiles": summary["tiles"]["tissue"],
+        "nuclei": summary["nuclei"],
+        "workers": summary["workers"],
+        "peak_rss_mb": round(int(found.group(1)) / 1024, 1) if found else None,
+        "peak_tree_rss_mb": round(peak_tree[0] / 1024, 1),
+        "megapixels": summary["megapixels_predicted"],
+        "seconds_predict": summary["seconds_predict"],
+        "seconds_command": round(wall, 2),
+        "megapixels_per_s": summary["megapixels_per_s"],
+        "megapixels_per_s_command": round(summary["megapixels_predicted"] / wall, 3),
+        "cpu_seconds_command": round(cpu_seconds, 1),
+        "cpu_seconds_per_tile": round(cpu_seconds / summary["tiles"]["predicted_now"], 3),
+    }
 
 
 def window_batches(predictor, slide: Path, tile: int, halo: int, half: int) -> tuple[list[torch.Tensor], dict]:
@@ -142,7 +169,10 @@ def window_batches(predictor, slide: Path, tile: int, halo: int, half: int) -> t
         image = pad_to(image, win_h, win_w)
         crops = np.stack([image[y : y + win_h, x : x + win_w] for y, x in corners])
         for i in range(0, len(crops), predictor.batch_size):
-            batches.append(torch.from_numpy(crops[i : i + predictor.batch_size]).to(predictor.device).permute(0, 3, 1, 2).float() / 255)
+            batches.append(
+                torch.from_numpy(crops[i : i + predictor.batch_size]).to(predictor.device).permute(0, 3, 1, 2).float()
+                / 255
+            )
         megapixels += (core[2] - core[0]) * (core[3] - core[1]) / 1e6
     return batches, {"tiles": len(cores), "windows": sum(len(b) for b in batches), "megapixels": round(megapixels, 3)}
 
@@ -161,10 +191,10 @@ def forward_seconds(predictor, batches: list[torch.Tensor]) -> float:
 
 def load(args: argparse.Namespace):
     if args.stand_in:
-        from make_slide import stand_in_predictor
+        from cdcl.testing.slides import stand_in_predictor
 
         return stand_in_predictor(window=STAND_IN_WINDOW, batch_size=args.batch_size or 8)
-    from cdcl.checkpoint import load_predictor
+    from cdcl.inference.predictor import load_predictor
 
     return load_predictor(args.checkpoint, device=args.device, batch_size=args.batch_size)
 
@@ -174,28 +204,37 @@ def write_report(result: dict, out_dir: Path) -> None:
     write_json_atomic(out_dir / "wsi_memory.json", result)
     small, large = result["runs"]
     lines = [
-        "# predict-wsi: peak memory and throughput", "",
+        "# predict-wsi: peak memory and throughput",
+        "",
         f"Command: `{result['command']}`  ",
         f"Model: {result['model']}; device: {result['device']}; {result['cpus']} CPUs; torch {result['torch']}; "
-        f"tile {result['tile']}, workers {result['workers']}", "",
+        f"tile {result['tile']}, workers {result['workers']}",
+        "",
         "| slide (px) | tissue tiles | nuclei | peak RSS, largest process (MB) | peak RSS, process tree (MB) | "
         "predict MP/s | command MP/s | predict s | command s | CPU s (command) | CPU s per tile |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
-        lines.append(f"| {r['slide_px'][0]} x {r['slide_px'][1]} | {r['tiles']} | {r['nuclei']} | {r['peak_rss_mb']} | "
-                     f"{r['peak_tree_rss_mb']} | {r['megapixels_per_s']} | {r['megapixels_per_s_command']} | "
-                     f"{r['seconds_predict']} | {r['seconds_command']} | {r['cpu_seconds_command']} | {r['cpu_seconds_per_tile']} |")
+        lines.append(
+            f"| {r['slide_px'][0]} x {r['slide_px'][1]} | {r['tiles']} | {r['nuclei']} | {r['peak_rss_mb']} | "
+            f"{r['peak_tree_rss_mb']} | {r['megapixels_per_s']} | {r['megapixels_per_s_command']} | "
+            f"{r['seconds_predict']} | {r['seconds_command']} | {r['cpu_seconds_command']} | "
+            f"{r['cpu_seconds_per_tile']} |"
+        )
     small_bare, large_bare = result["bare_forward"]
     lines += [
         "",
         f"- Peak RSS ratio large/small: **{result['rss_ratio']}** (largest process), {result['tree_rss_ratio']} "
-        f"(process tree); target <= 1.3: {'met' if (result['rss_ratio'] or result['tree_rss_ratio']) <= 1.3 else 'NOT met'}.",
+        "(process tree); target <= 1.3: "
+        f"{'met' if (result['rss_ratio'] or result['tree_rss_ratio']) <= 1.3 else 'NOT met'}.",
         f"- Bare forward pass over each slide's own tiles, every other tile just before its run and the rest just "
-        f"after: small slide, {small_bare['tiles']} tiles ({small_bare['windows']} windows) in {small_bare['seconds']} s, "
-        f"{small_bare['megapixels_per_s']} MP/s (before / after: {' / '.join(map(str, small_bare['megapixels_per_s_before_after']))}); "
+        f"after: small slide, {small_bare['tiles']} tiles ({small_bare['windows']} windows) in "
+        f"{small_bare['seconds']} s, "
+        f"{small_bare['megapixels_per_s']} MP/s (before / after: "
+        f"{' / '.join(map(str, small_bare['megapixels_per_s_before_after']))}); "
         f"large slide, {large_bare['tiles']} tiles ({large_bare['windows']} windows) in {large_bare['seconds']} s, "
-        f"{large_bare['megapixels_per_s']} MP/s (before / after: {' / '.join(map(str, large_bare['megapixels_per_s_before_after']))}).",
+        f"{large_bare['megapixels_per_s']} MP/s (before / after: "
+        f"{' / '.join(map(str, large_bare['megapixels_per_s_before_after']))}).",
         f"- End-to-end / bare throughput: **{result['throughput_ratio']}** (large slide, prediction phase); "
         f"{result['throughput_ratio_small']} (small slide); target >= 0.8: "
         f"{'met' if result['throughput_ratio'] >= 0.8 else 'NOT met'}.",
@@ -213,11 +252,13 @@ def write_report(result: dict, out_dir: Path) -> None:
 
 def child_stand_in(argv: list[str]) -> int:
     """`cdcl <argv>` with the stand-in predictor in place of the checkpoint (``--stand-in`` runs)."""
-    import cdcl.wsi
+    import cdcl.commands.predict_wsi
     from cdcl.cli import main
-    from make_slide import stand_in_predictor
+    from cdcl.testing.slides import stand_in_predictor
 
-    cdcl.wsi.load_predictor = lambda path, device, batch_size: stand_in_predictor(window=STAND_IN_WINDOW, batch_size=batch_size or 8)
+    cdcl.commands.predict_wsi.load_predictor = lambda path, device, batch_size: stand_in_predictor(
+        window=STAND_IN_WINDOW, batch_size=batch_size or 8
+    )
     return main(argv)
 
 
@@ -236,15 +277,22 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--data", type=Path, default=SHARED_DATA, help="folder holding monuseg/ (the slides' tiles)")
-    parser.add_argument("--compression", default="jpeg", help="slide tile compression (zlib where imagecodecs is missing)")
-    parser.add_argument("--keep", type=Path, default=None, help="build slides and outputs here and keep them (slides found there are reused)")
+    parser.add_argument(
+        "--compression", default="jpeg", help="slide tile compression (zlib where imagecodecs is missing)"
+    )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="build slides and outputs here and keep them (slides found there are reused)",
+    )
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="cdcl-wsi-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         checkpoint = args.checkpoint or str(work / "stand-in.pt")
         if args.stand_in:
-            Path(checkpoint).write_bytes(b"stand-in model: see tests/make_slide.py")
+            Path(checkpoint).write_bytes(b"stand-in model: see cdcl/testing/slides.py")
         slides = [build_slide(work, side, args.compression, args.data) for side in args.sizes]
         predictor = load(args)
         runs, bare = [], []
@@ -261,28 +309,51 @@ def main() -> int:
                 if not half:
                     runs.append(run_predict_wsi(slide, work / f"out_{slide.stem}", args, checkpoint))
             megapixels, seconds = sum(p["megapixels"] for p in passes), sum(p["seconds"] for p in passes)
-            bare.append({"tiles": sum(p["tiles"] for p in passes), "windows": sum(p["windows"] for p in passes),
-                         "megapixels": round(megapixels, 3), "seconds": round(seconds, 3),
-                         "megapixels_per_s": round(megapixels / seconds, 3),
-                         "megapixels_per_s_before_after": [round(p["megapixels"] / p["seconds"], 3) if p["tiles"] else None for p in passes]})
+            bare.append(
+                {
+                    "tiles": sum(p["tiles"] for p in passes),
+                    "windows": sum(p["windows"] for p in passes),
+                    "megapixels": round(megapixels, 3),
+                    "seconds": round(seconds, 3),
+                    "megapixels_per_s": round(megapixels / seconds, 3),
+                    "megapixels_per_s_before_after": [
+                        round(p["megapixels"] / p["seconds"], 3) if p["tiles"] else None for p in passes
+                    ],
+                }
+            )
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
-    device = torch.cuda.get_device_name(predictor.device) if predictor.device.type == "cuda" else platform.processor() or "cpu"
+    device = (
+        torch.cuda.get_device_name(predictor.device)
+        if predictor.device.type == "cuda"
+        else platform.processor() or "cpu"
+    )
     result = {
         "command": " ".join(["python", "benchmarks/wsi_memory.py", *sys.argv[1:]]),
-        "commit": git_commit(), "platform": platform.platform(), "load_average_at_end": list(os.getloadavg()),
-        "model": "stand-in (pointwise, tests/make_slide.py)" if args.stand_in else args.checkpoint,
-        "device": device, "cpus": os.cpu_count(), "torch": torch.__version__, "tile": args.tile, "halo": args.halo,
-        "workers": runs[0]["workers"], "window": predictor.window, "batch_size": predictor.batch_size, "amp": predictor.amp,
-        "runs": runs, "bare_forward": bare,
+        "commit": git_commit(),
+        "platform": platform.platform(),
+        "load_average_at_end": list(os.getloadavg()),
+        "model": "stand-in (pointwise, cdcl/testing/slides.py)" if args.stand_in else args.checkpoint,
+        "device": device,
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "tile": args.tile,
+        "halo": args.halo,
+        "workers": runs[0]["workers"],
+        "window": predictor.window,
+        "batch_size": predictor.batch_size,
+        "amp": predictor.amp,
+        "runs": runs,
+        "bare_forward": bare,
         "rss_ratio": round(runs[1]["peak_rss_mb"] / runs[0]["peak_rss_mb"], 3) if runs[0]["peak_rss_mb"] else None,
         "tree_rss_ratio": round(runs[1]["peak_tree_rss_mb"] / runs[0]["peak_tree_rss_mb"], 3),
         "throughput_ratio": round(runs[1]["megapixels_per_s"] / bare[1]["megapixels_per_s"], 3),
         "throughput_ratio_small": round(runs[0]["megapixels_per_s"] / bare[0]["megapixels_per_s"], 3),
         # start-up cancels out: the CPU each further tile costs, across every process
-        "cpu_seconds_per_extra_tile": round((runs[1]["cpu_seconds_command"] - runs[0]["cpu_seconds_command"])
-                                            / (runs[1]["tiles"] - runs[0]["tiles"]), 3),
+        "cpu_seconds_per_extra_tile": round(
+            (runs[1]["cpu_seconds_command"] - runs[0]["cpu_seconds_command"]) / (runs[1]["tiles"] - runs[0]["tiles"]), 3
+        ),
     }
     write_report(result, args.out)
     print((args.out / "wsi_memory.md").read_text())

@@ -27,7 +27,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny dataset, split and trained checkpoint for the CLI suites (one per test module)."""
-    from cli_cases import tiny_world
+    from helpers.cli_cases import tiny_world
 
     return tiny_world(tmp_path_factory)
 
@@ -35,6 +35,6 @@ def world(tmp_path_factory):
 @pytest.fixture
 def record(request):
     """Records each CLI case for docs/RELIABILITY.md when CDCL_RELIABILITY_JSON is set."""
-    from cli_cases import Recorder
+    from helpers.cli_cases import Recorder
 
     return Recorder.for_test(request)

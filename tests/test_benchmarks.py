@@ -33,10 +33,17 @@ def quality(tmp_path):
 
 
 def record(method: str, seed: int, dice: float, aji: float, budget: str = "1-16", cuda: str | None = None) -> dict:
-    return {"dataset": "monuseg", "budget": budget, "seed": seed, "name": method, "method": method,
-            "mean": {"dice": dice, "iou": dice - 0.15, "aji": aji, "pq": aji - 0.07},
-            "val_dice_curve": [[500, dice + 0.01], [1000, dice]], "median_s_per_iter": 0.05 if cuda else 2.0,
-            "machine": {"cuda": cuda, "cpus": 2}}
+    return {
+        "dataset": "monuseg",
+        "budget": budget,
+        "seed": seed,
+        "name": method,
+        "method": method,
+        "mean": {"dice": dice, "iou": dice - 0.15, "aji": aji, "pq": aji - 0.07},
+        "val_dice_curve": [[500, dice + 0.01], [1000, dice]],
+        "median_s_per_iter": 0.05 if cuda else 2.0,
+        "machine": {"cuda": cuda, "cpus": 2},
+    }
 
 
 def _merge(args: tuple) -> None:
@@ -55,9 +62,13 @@ def test_concurrent_runners_never_drop_each_others_results(quality, tmp_path):
 
 
 def test_paired_gaps_are_per_seed_differences_in_points(quality):
-    runs = [record("supervised", 0, 0.70, 0.50), record("cdcl", 0, 0.73, 0.54),
-            record("supervised", 1, 0.80, 0.60), record("cdcl", 1, 0.81, 0.62, cuda="H200"),
-            record("supervised", 2, 0.75, 0.55)]  # seed 2 has no CDCL run: not paired
+    runs = [
+        record("supervised", 0, 0.70, 0.50),
+        record("cdcl", 0, 0.73, 0.54),
+        record("supervised", 1, 0.80, 0.60),
+        record("cdcl", 1, 0.81, 0.62, cuda="H200"),
+        record("supervised", 2, 0.75, 0.55),
+    ]  # seed 2 has no CDCL run: not paired
     groups = {}
     for r in runs:
         groups.setdefault(("monuseg", r["budget"], r["name"]), []).append(r)
@@ -67,14 +78,20 @@ def test_paired_gaps_are_per_seed_differences_in_points(quality):
 
 
 def test_report_keeps_gpu_and_cpu_speeds_apart(quality, tmp_path):
-    results = {"runs": {f"k{i}": r for i, r in enumerate([record("cdcl", 0, 0.73, 0.54),
-                                                          record("cdcl", 1, 0.81, 0.62, cuda="H200")])}}
+    results = {
+        "runs": {
+            f"k{i}": r
+            for i, r in enumerate([record("cdcl", 0, 0.73, 0.54), record("cdcl", 1, 0.81, 0.62, cuda="H200")])
+        }
+    }
     quality.report(results)
     table = (tmp_path / "quality.md").read_text()
     assert "| monuseg | 1/16 | cdcl | 0.770 ± 0.057 (n=2) |" in table
     assert "2-core CPU 2.00 (n=1); H200 0.05 (n=1)" in table
-    timed = [dict(r, train_seconds=t, eval_seconds=20.0) for r, t in ((record("cdcl", s, 0.7, 0.5, cuda="H200"), t)
-                                                                      for s, t in enumerate((80.0, 95.0, 120.0)))]
+    timed = [
+        dict(r, train_seconds=t, eval_seconds=20.0)
+        for r, t in ((record("cdcl", s, 0.7, 0.5, cuda="H200"), t) for s, t in enumerate((80.0, 95.0, 120.0)))
+    ]
     assert quality.speed(timed) == "H200 0.05, 95 + 20 s (n=3)"
     assert (tmp_path / "quality.png").stat().st_size > 10_000
 
@@ -87,10 +104,16 @@ def test_only_prefixes_set_the_order_of_runs(quality):
 
 
 def test_postprocess_speed_benchmark_checks_old_and_new_agree(tmp_path, shared_data):
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "postprocess_speed.py"), "--quick", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "postprocess_speed.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "postprocess_speed.json").read_text())
     assert result["identical"] == len(result["maps"]) == 4
-    assert all(m["nuclei"] > 50 and m["seconds"]["old"] > 0 and m["seconds"]["new"] > 0 for m in result["maps"].values())
+    assert all(
+        m["nuclei"] > 50 and m["seconds"]["old"] > 0 and m["seconds"]["new"] > 0 for m in result["maps"].values()
+    )
     assert "| 3 images |" in (tmp_path / "postprocess_speed.md").read_text()

@@ -20,7 +20,11 @@ def test_defaults_use_cpu_small_preset():
 def test_paper_preset_is_densenet161_at_320():
     config = load_config(None, ["preset=paper"])
     assert (config.model.encoder, config.augment.crop_size, config.model.feature_channels, config.model.embed_dim) == (
-        "densenet161", 320, 256, 128)
+        "densenet161",
+        320,
+        256,
+        128,
+    )
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -41,21 +45,24 @@ def test_parse_override_nested_and_typed():
         parse_override("novalue")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("method.w_contrr=1", "unknown config key 'method.w_contrr'"),
-    ("train.iterations=abc", "config key 'train.iterations': expected int, got 'abc'"),
-    ("train.iterations=1.5", "expected int"),
-    ("method.use_bank=3", "expected bool"),
-    ("method.name=nope", "method.name must be one of"),
-    ("method.bdp=0.9", "bdp <= method.fdp"),
-    ("infer.window=100", "multiple of 32"),
-    ("preset=huge", "unknown preset 'huge'"),
-    ("augment.scale=[2, 1]", "config section 'augment'"),
-    ("model.dropout=1.5", "model.dropout must be in [0, 1)"),
-    ("data.num_workers=-1", "data.num_workers must be >= 0"),
-    ("method.w_ent=-0.1", "method.w_cons, method.w_ent and method.w_contr must be >= 0"),
-    ("method.bank_capacity=-1", "method.bank_capacity must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method.w_contrr=1", "unknown config key 'method.w_contrr'"),
+        ("train.iterations=abc", "config key 'train.iterations': expected int, got 'abc'"),
+        ("train.iterations=1.5", "expected int"),
+        ("method.use_bank=3", "expected bool"),
+        ("method.name=nope", "method.name must be one of"),
+        ("method.bdp=0.9", "bdp <= method.fdp"),
+        ("infer.window=100", "multiple of 32"),
+        ("preset=huge", "unknown preset 'huge'"),
+        ("augment.scale=[2, 1]", "config section 'augment'"),
+        ("model.dropout=1.5", "model.dropout must be in [0, 1)"),
+        ("data.num_workers=-1", "data.num_workers must be >= 0"),
+        ("method.w_ent=-0.1", "method.w_cons, method.w_ent and method.w_contr must be >= 0"),
+        ("method.bank_capacity=-1", "method.bank_capacity must be >= 0"),
+    ],
+)
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(CdclError, match=re.escape(message)):
         load_config(None, [override])

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from cdcl.errors import CdclError
-from cdcl.viz import overlay_contours, plot_comparison_grid, plot_training_curves, save_png, to_rgb_uint8
+from cdcl.io import save_png
+from cdcl.viz import overlay_contours, plot_comparison_grid, plot_training_curves, to_rgb_uint8
 
 GREEN, YELLOW = (0, 255, 0), (255, 255, 0)
 

@@ -1,22 +1,22 @@
-"""Checkpoints that cannot run code, and the ``Predictor`` a checkpoint alone is enough to build.
+"""Checkpoint files that cannot run code: save, load, and the lean prediction-only payload.
 
 A checkpoint is a ``torch.save`` dict of tensors and plain Python values only, always loaded with
 ``weights_only=True``: a file whose pickle would construct arbitrary objects (and so could run a command)
 is refused. It carries the resolved config, the weights to predict with, the tuned post-processing
 thresholds and the training resolution (StarDist's config/thresholds idea, TIAToolbox's bound resolution).
+This module is file I/O only; the model a checkpoint rebuilds is ``cdcl.inference.predictor``'s business.
 """
 
 from __future__ import annotations
 
 import pickle
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cdcl.errors import CdclError
+from cdcl.errors import CdclError, squashed
 from cdcl.io import atomic_path
 
 FORMAT = "cdcl-checkpoint/1"
@@ -53,68 +53,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CdclError("checkpoint not found", path)
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged or foreign
-        raise CdclError("not a readable checkpoint: corrupt, truncated or another format (no PyTorch zip archive)", path)
+        raise CdclError(
+            "not a readable checkpoint: corrupt, truncated or another format (no PyTorch zip archive)", path
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).splitlines()[0] if "Weights only load failed" not in str(exc) else "it holds objects other than tensors and plain data"
-        raise CdclError(f"refusing to load checkpoint: {reason} (it could run code; only cdcl checkpoints are accepted)", path) from None
+        reason = (
+            str(exc).splitlines()[0]
+            if "Weights only load failed" not in str(exc)
+            else "it holds objects other than tensors and plain data"
+        )
+        raise CdclError(
+            f"refusing to load checkpoint: {reason} (it could run code; only cdcl checkpoints are accepted)", path
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CdclError(f"corrupt or truncated checkpoint ({' '.join(str(exc).split())[:160]})", path) from None
+        raise CdclError(f"corrupt or truncated checkpoint ({squashed(exc, 160)})", path) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CdclError(f"not a cdcl checkpoint (expected format '{FORMAT}')", path)
     return payload
-
-
-@dataclass
-class Predictor:
-    """Everything inference needs: the model in eval mode and how to run and post-process it."""
-
-    model: torch.nn.Module
-    device: torch.device
-    postprocess: Any  # cdcl.postprocess.PostprocessParams
-    mpp: float | None
-    window: int
-    overlap: float
-    batch_size: int
-    amp: bool
-    config: Any  # cdcl.config.Config
-
-
-def model_from_checkpoint(payload: dict[str, Any], path: str | Path, weights: str | None = None) -> torch.nn.Module:
-    """Rebuild the architecture from the stored config and load the chosen weights strictly."""
-    from cdcl.config import config_from_dict
-    from cdcl.models import build_model
-
-    config = config_from_dict(payload["config"])
-    config.model.pretrained = False  # the checkpoint holds the weights; never touch the network
-    model = build_model(config.model)
-    key = weights or payload.get("predict_with", "student")
-    try:
-        state = payload["weights"][key]
-        model.load_state_dict(state, strict=True)
-    except (KeyError, RuntimeError) as exc:
-        detail = " ".join(str(exc).split())[:200]
-        raise CdclError(f"checkpoint weights do not match its model '{config.model.encoder}' ({detail})", path) from None
-    return model
-
-
-def load_predictor(path: str | Path, device: str = "auto", batch_size: int | None = None) -> Predictor:
-    """Build a ready-to-run ``Predictor`` from a checkpoint file; ``batch_size``: windows per forward pass (None:
-    :func:`cdcl.infer.windows_per_batch`)."""
-    from cdcl.config import config_from_dict
-    from cdcl.infer import windows_per_batch
-    from cdcl.postprocess import PostprocessParams
-    from cdcl.runtime import resolve_device
-
-    payload = load_checkpoint(path)
-    try:
-        config = config_from_dict(payload["config"])
-        params = PostprocessParams.from_dict(payload.get("postprocess") or {})
-    except (KeyError, ValueError, TypeError, CdclError) as exc:
-        raise CdclError(f"checkpoint metadata is invalid ({exc})", path) from None
-    dev = resolve_device(device)
-    model = model_from_checkpoint(payload, path).to(dev).eval()
-    return Predictor(model=model, device=dev, postprocess=params, mpp=config.data.mpp, window=config.infer.window,
-                     overlap=config.infer.overlap, batch_size=windows_per_batch(batch_size, config.infer.batch_size, dev),
-                     amp=config.train.amp and dev.type == "cuda", config=config)

@@ -17,15 +17,14 @@ import yaml
 
 from cdcl.data.views import AugmentConfig
 from cdcl.errors import CdclError
-from cdcl.representations import OUTPUT_STRIDES, REPRESENTATIONS
-
-METHODS = ("supervised", "mean_teacher", "fixmatch", "cdcl")
+from cdcl.instances.representations import OUTPUT_STRIDES, REPRESENTATIONS
+from cdcl.vocab import FORMATS, METHODS, OPTIMIZERS, SCHEDULES, spoken
 
 
 @dataclass
 class DataConfig:
     root: str = ""  # dataset folder; relative paths are taken from the current directory
-    format: str = "folder"  # folder | monuseg | dsb2018
+    format: str = "folder"  # cdcl.vocab.FORMATS: folder | monuseg | dsb2018
     split_dir: str = ""  # folder with labeled.txt, unlabeled.txt, val.txt (written by `cdcl split`)
     mpp: float | None = None  # microns per pixel of the training images, stored for slide inference
     batch_size: int = 8  # labeled images per step
@@ -50,7 +49,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "supervised"  # supervised | mean_teacher | fixmatch | cdcl
+    name: str = "supervised"  # cdcl.vocab.METHODS: supervised | mean_teacher | fixmatch | cdcl
     ema_decay: float = 0.99  # teacher = EMA of the student, alpha_t = min(1 - 1/(t+1), ema_decay)
     warmup_iters: int = 200  # supervised-only iterations before unlabeled terms start (paper: epoch_semi)
     ramp_iters: int = 400  # sigmoid ramp-up length of the consistency weight, counted after warm-up
@@ -78,11 +77,11 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | sgd
+    name: str = "adamw"  # cdcl.vocab.OPTIMIZERS: adamw | sgd
     lr: float = 1e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9  # sgd only
-    schedule: str = "poly"  # poly | cosine | constant
+    schedule: str = "poly"  # cdcl.vocab.SCHEDULES: poly | cosine | constant
     warmup_iters: int = 0  # linear LR warm-up
     grad_clip: float = 5.0  # max gradient norm; <= 0 disables
 
@@ -127,16 +126,26 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     # Small encoder, light decoder, small crops: a MoNuSeg run converges in ~30 min on 2 CPU cores.
     "cpu-small": {
-        "model": {"encoder": "resnet18", "decoder_channels": [128, 64, 32], "feature_channels": 64,
-                  "head_channels": 32, "embed_dim": 64},
+        "model": {
+            "encoder": "resnet18",
+            "decoder_channels": [128, 64, 32],
+            "feature_channels": 64,
+            "head_channels": 32,
+            "embed_dim": 64,
+        },
         "augment": {"crop_size": 128},
         "data": {"batch_size": 8, "unlabeled_batch_size": 8},
         "infer": {"window": 256, "batch_size": 4},
     },
     # As published: ImageNet DenseNet-161, 320 crops, 256-channel features, 128-d embeddings (GPU).
     "paper": {
-        "model": {"encoder": "densenet161", "decoder_channels": [256, 256, 256], "feature_channels": 256,
-                  "head_channels": 64, "embed_dim": 128},
+        "model": {
+            "encoder": "densenet161",
+            "decoder_channels": [256, 256, 256],
+            "feature_channels": 256,
+            "head_channels": 64,
+            "embed_dim": 128,
+        },
         "augment": {"crop_size": 320},
         "data": {"batch_size": 8, "unlabeled_batch_size": 8},
         "infer": {"window": 320, "batch_size": 8},
@@ -252,7 +261,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         except (OSError, UnicodeDecodeError) as exc:
             raise CdclError(f"cannot read config ({exc})", path) from None
         except yaml.YAMLError as exc:
-            raise CdclError(f"invalid YAML ({' '.join(str(exc).split())})", path) from None
+            raise CdclError(f"invalid YAML ({exc})", path) from None  # CdclError makes it one line
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -290,20 +299,25 @@ def validate(config: Config) -> None:
         (m.warmup_iters >= 0 and m.bank_capacity >= 0, "method.warmup_iters and method.bank_capacity must be >= 0"),
         (o.name != "sgd" or o.momentum > 0, "optim.momentum must be > 0 with optim.name=sgd (Nesterov momentum)"),
         (m.name in METHODS, f"method.name must be one of {', '.join(METHODS)}, got '{m.name}'"),
-        (config.model.output_stride in OUTPUT_STRIDES,
-         f"model.output_stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got {config.model.output_stride}"),
-        (config.model.instances in REPRESENTATIONS,
-         f"model.instances must be one of {', '.join(REPRESENTATIONS)}, got '{config.model.instances}'"),
+        (
+            config.model.output_stride in OUTPUT_STRIDES,
+            f"model.output_stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got "
+            f"{config.model.output_stride}",
+        ),
+        (
+            config.model.instances in REPRESENTATIONS,
+            f"model.instances must be one of {', '.join(REPRESENTATIONS)}, got '{config.model.instances}'",
+        ),
         (m.w_distance >= 0, "method.w_distance must be >= 0"),
-        (config.data.format in ("folder", "monuseg", "dsb2018"), f"data.format '{config.data.format}' is not folder, monuseg or dsb2018"),
+        (config.data.format in FORMATS, f"data.format '{config.data.format}' is not {spoken(FORMATS)}"),
         (0.0 <= m.threshold < 1.0, "method.threshold must be in [0, 1)"),
         (0.0 <= m.bdp <= m.fdp <= 1.0, "method.bdp <= method.fdp must hold, both in [0, 1]"),
         (0.0 <= m.ema_decay < 1.0, "method.ema_decay must be in [0, 1)"),
         (m.temperature > 0, "method.temperature must be > 0"),
         (m.grid >= 1, "method.grid must be >= 1"),
         (m.anchor_source in ("student", "teacher"), "method.anchor_source must be 'student' or 'teacher'"),
-        (o.name in ("adamw", "sgd"), "optim.name must be 'adamw' or 'sgd'"),
-        (o.schedule in ("poly", "cosine", "constant"), "optim.schedule must be poly, cosine or constant"),
+        (o.name in OPTIMIZERS, f"optim.name must be {spoken(OPTIMIZERS, quote=chr(39))}"),
+        (o.schedule in SCHEDULES, f"optim.schedule must be {spoken(SCHEDULES)}"),
         (o.lr > 0, "optim.lr must be > 0"),
         (t.iterations >= 1, "train.iterations must be >= 1"),
         (t.val_every >= 1 and t.log_every >= 1, "train.val_every and train.log_every must be >= 1"),

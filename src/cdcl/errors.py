@@ -9,11 +9,17 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+def squashed(message: object, limit: int | None = None) -> str:
+    """``str(message)`` on one line (runs of white space folded to one space), cut to ``limit`` characters (all
+    when None): a library's message can span lines or pages, and what a user sees is one line."""
+    return " ".join(str(message).split())[:limit]
+
+
 class CdclError(Exception):
     """Bad input or usage. ``str(err)`` is one line naming the file (when there is one) and the problem."""
 
     def __init__(self, problem: str, path: str | Path | None = None) -> None:
-        self.problem = " ".join(str(problem).split())
+        self.problem = squashed(problem)
         self.path = None if path is None else str(path)
         super().__init__(f"{self.path}: {self.problem}" if self.path else self.problem)
 

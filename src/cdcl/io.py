@@ -1,5 +1,5 @@
-"""Files in and out: inputs named directly or by folder; atomic writes, so outputs appear under their final name
-only once complete."""
+"""Files in and out: inputs named directly or by folder; atomic writes (text, JSON, PNG), so outputs appear under
+their final name only once complete; JSON lines logs whose last line a kill may have cut short."""
 
 from __future__ import annotations
 
@@ -11,9 +11,14 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import numpy as np
+from PIL import Image
 
 from cdcl.errors import CdclError
+
+Text = TypeVar("Text", str, bytes)
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +44,9 @@ def collect_inputs(inputs: list[str], suffixes: tuple[str, ...], kind: str) -> l
     seen: dict[str, Path] = {}
     for path in found:
         if path.stem in seen:
-            raise CdclError(f"two inputs share the name '{path.stem}' ({seen[path.stem]}); their outputs would collide", path)
+            raise CdclError(
+                f"two inputs share the name '{path.stem}' ({seen[path.stem]}); their outputs would collide", path
+            )
         seen[path.stem] = path
     return found
 
@@ -107,3 +114,31 @@ def ensure_writable_dir(path: str | Path) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise CdclError("output folder is not writable", path)
     return path
+
+
+def complete_lines(data: Text) -> Text:
+    """``data`` (a JSON lines log) up to and including its last newline: a line that a kill cut short has no
+    newline yet, and is dropped."""
+    newline = b"\n" if isinstance(data, bytes) else "\n"
+    return data[: data.rfind(newline) + 1]
+
+
+def save_png(path: str | Path, array: np.ndarray) -> None:
+    """Write ``array`` as a PNG atomically: uint8 grey (HxW) or RGB (HxWx3), or an integer label map (HxW).
+
+    A label map of another integer dtype is stored as 16-bit PNG; ids above 65535 cannot be, which is reported
+    as a CdclError (write a TIFF instead). The one PNG writer of the package: Pillow, no plotting library.
+    """
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    if array.ndim == 3 and (array.dtype != np.uint8 or array.shape[2] != 3):
+        raise ValueError(f"RGB PNGs must be HxWx3 uint8, got shape {array.shape} dtype {array.dtype}")
+    if array.ndim not in (2, 3) or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"cannot write shape {array.shape} dtype {array.dtype} as PNG")
+    if array.ndim == 2 and array.dtype != np.uint8:
+        if array.size and (array.min() < 0 or array.max() > 65535):
+            raise CdclError(f"label ids span {array.min()}..{array.max()}; a 16-bit PNG holds 0..65535", path)
+        array = array.astype(np.uint16)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")

@@ -1,4 +1,5 @@
-"""Pictures for people: contour overlays, label-map PNGs, training curves and side-by-side comparisons.
+"""Pictures for people: contour overlays, training curves and side-by-side comparisons (PNGs of arrays:
+``cdcl.io.save_png``).
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot state, no display needed) and every file is
 written atomically.
@@ -11,11 +12,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image
 from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 
-from cdcl.errors import CdclError
 from cdcl.io import atomic_path
 
 GT_COLOUR = (0, 255, 0)
@@ -62,27 +61,6 @@ def overlay_contours(
             edge = ndi.binary_dilation(edge, iterations=thickness - 1, mask=labels > 0)
         out[edge] = colour
     return out
-
-
-def save_png(path: str | Path, array: np.ndarray) -> None:
-    """Write ``array`` as a PNG atomically: uint8 grey (HxW) or RGB (HxWx3), or an integer label map (HxW).
-
-    A label map of another integer dtype is stored as 16-bit PNG; ids above 65535 cannot be, which is reported
-    as a CdclError (write a TIFF instead).
-    """
-    array = np.asarray(array)
-    if array.dtype == bool:
-        array = array.astype(np.uint8) * 255
-    if array.ndim == 3 and (array.dtype != np.uint8 or array.shape[2] != 3):
-        raise ValueError(f"RGB PNGs must be HxWx3 uint8, got shape {array.shape} dtype {array.dtype}")
-    if array.ndim not in (2, 3) or not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"cannot write shape {array.shape} dtype {array.dtype} as PNG")
-    if array.ndim == 2 and array.dtype != np.uint8:
-        if array.size and (array.min() < 0 or array.max() > 65535):
-            raise CdclError(f"label ids span {array.min()}..{array.max()}; a 16-bit PNG holds 0..65535", path)
-        array = array.astype(np.uint16)
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
 
 
 def _save_figure(fig: Figure, path: str | Path) -> None:

@@ -7,7 +7,6 @@ fixed in one pass.
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,8 @@ from tqdm import tqdm
 
 from cdcl.data.readers import scan_dataset
 from cdcl.errors import CdclError
-from cdcl.io import write_json_atomic
 
-__all__ = ["check_dataset", "format_report", "run"]
+__all__ = ["check_dataset", "format_report"]
 
 
 def check_dataset(root: str | Path, format: str) -> dict[str, Any]:
@@ -88,17 +86,3 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("problems:")
         lines += [f"  {problem}" for problem in report["problems"]]
     return "\n".join(lines)
-
-
-def run(args: argparse.Namespace) -> int:
-    """``cdcl data check``: exit 0 when no problem is found, 2 otherwise (last line: a one-line summary)."""
-    report = check_dataset(args.data, args.format)
-    if args.json:
-        write_json_atomic(args.json, report)
-    print(format_report(report))
-    n_problems = len(report["problems"])
-    if n_problems:
-        print(f"{n_problems} problem{'s' if n_problems > 1 else ''} found in {report['root']}")
-        return 2
-    print(f"no problems found in {report['images']} images of {report['root']}")
-    return 0

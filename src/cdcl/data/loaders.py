@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cdcl.data.views import AugmentConfig, labeled_view, paired_views
 from cdcl.errors import from_workers
-from cdcl.representations import make_targets
+from cdcl.instances.representations import make_targets
 
 
 class SeededStreamSampler(Sampler):
@@ -43,7 +43,8 @@ class SeededStreamSampler(Sampler):
 
 
 class _ImageCache:
-    """Bounded per-worker cache of decoded items (images, masks; a tile caches its crop), each decoded once per worker."""
+    """Bounded per-worker cache of decoded items (images, masks; a tile caches its crop), each decoded once per
+    worker."""
 
     def __init__(self, max_bytes: int = 1 << 30) -> None:
         self.max_bytes, self.bytes, self.entries = max_bytes, 0, OrderedDict()
@@ -76,7 +77,7 @@ class _ItemSet(Dataset):
 
 class LabeledSet(_ItemSet):
     """Labeled items -> {"image": 3xSxS float, "target": SxS int64 classes, ...} augmented views, with the
-    targets of the model's instance representation (``cdcl.representations.make_targets``)."""
+    targets of the model's instance representation (``cdcl.instances.representations.make_targets``)."""
 
     def __init__(self, items: Sequence, augment: AugmentConfig, representation: str = "binary") -> None:
         super().__init__(items, augment)
@@ -100,13 +101,26 @@ class UnlabeledSet(_ItemSet):
         return {"weak": torch.from_numpy(weak), "strong": torch.from_numpy(strong)}
 
 
-def stream_loader(dataset: Dataset, batch_size: int, *, seed: int, start_batch: int, num_workers: int,
-                  rank: int = 0, world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+def stream_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    seed: int,
+    start_batch: int,
+    num_workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[dict[str, torch.Tensor]]:
     """An endless iterator of batches starting at batch ``start_batch`` of this rank's stream."""
     sampler = SeededStreamSampler(len(dataset), seed, start=start_batch * batch_size, rank=rank, world_size=world_size)
     # Its own generator: creating the loader must not consume the global RNG that dropout draws from.
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        persistent_workers=num_workers > 0, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
     return from_workers(loader)
-

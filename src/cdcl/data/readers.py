@@ -33,6 +33,7 @@ import numpy as np
 from cdcl.data.aperio import rasterize_polygons, read_aperio_xml
 from cdcl.data.images import IMAGE_SUFFIXES, image_size, read_foreground, read_image, read_label_image
 from cdcl.errors import CdclError
+from cdcl.vocab import FORMATS
 
 __all__ = ["FORMATS", "Item", "NucleiDataset", "load_dataset", "require_masks", "scan_dataset", "tile_name"]
 
@@ -142,11 +143,15 @@ def tile_name(name: str, window: Window) -> str:
     return f"{name}[{y0}:{y1},{x0}:{x1}]"
 
 
-def require_masks(items: Iterable[Item]) -> None:
-    """Raise CdclError naming the first item that has no mask (for lists that must be labeled)."""
-    for item in items:
-        if not item.has_mask:
-            raise CdclError(f"item '{item.name}' has no mask but is used as a labeled item", item.image_path)
+def require_masks(items: Iterable[Item], source: str | Path | None = None) -> None:
+    """Raise CdclError naming the first item that has no mask and how many lack one (for lists that must be
+    labeled); the error names ``source`` (the list file) when given, else that item's image."""
+    missing = [item for item in items if not item.has_mask]
+    if missing:
+        raise CdclError(
+            f"item '{missing[0].name}' has no mask ({len(missing)} unannotated items in a list that needs masks)",
+            source or missing[0].image_path,
+        )
 
 
 class NucleiDataset(Sequence[Item]):
@@ -316,4 +321,5 @@ _SCANNERS: dict[str, Callable[[Path, list[CdclError]], list[Item]]] = {
     "monuseg": _scan_monuseg,
     "dsb2018": _scan_dsb,
 }
-FORMATS = tuple(_SCANNERS)
+if tuple(_SCANNERS) != FORMATS:  # the config and the CLI offer cdcl.vocab.FORMATS
+    raise ImportError(f"dataset readers {tuple(_SCANNERS)} differ from cdcl.vocab.FORMATS {FORMATS}")

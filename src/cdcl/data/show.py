@@ -6,18 +6,13 @@ mask), and the weak/strong pair the semi-supervised methods compare pixel by pix
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 import numpy as np
 from PIL import Image, ImageDraw
 from skimage.segmentation import find_boundaries
 
-from cdcl.config import load_config
-from cdcl.data import load_dataset
 from cdcl.data.views import AugmentConfig, labeled_view, paired_views
-from cdcl.errors import CdclError
-from cdcl.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +36,9 @@ def views_grid(items: list[tuple[np.ndarray, np.ndarray | None]], cfg: AugmentCo
     return _titles(grid, step)
 
 
-def _row_views(image: np.ndarray, instances: np.ndarray | None, cfg: AugmentConfig,
-               rng: np.random.Generator) -> list[np.ndarray]:
+def _row_views(
+    image: np.ndarray, instances: np.ndarray | None, cfg: AugmentConfig, rng: np.random.Generator
+) -> list[np.ndarray]:
     size = cfg.crop_size
     if instances is None:
         labeled = np.full((size, size, 3), _BLANK, np.uint8)
@@ -75,22 +71,3 @@ def _titles(grid: np.ndarray, step: int) -> np.ndarray:
     for col, title in enumerate(COLUMNS):
         draw.text((col * step + 2, 2), title, fill=(0, 0, 0))
     return np.asarray(pil)
-
-
-def run(args: argparse.Namespace) -> int:
-    """``cdcl data show DATA --format F [--config FILE] [--set k=v] [--n N] [--seed S] --out PNG``."""
-    if args.n < 1:
-        raise CdclError(f"--n must be >= 1, got {args.n}")
-    if not str(args.out).lower().endswith(".png"):
-        raise CdclError("output must be a .png file", args.out)
-    cfg = load_config(args.config, args.set).augment
-    dataset = load_dataset(args.data, args.format)
-    if len(dataset) == 0:
-        raise CdclError("no images found", args.data)
-    picked = np.random.default_rng(args.seed).choice(len(dataset), size=min(args.n, len(dataset)), replace=False)
-    items = [dataset[int(i)] for i in sorted(picked)]
-    grid = views_grid([(item.image, item.instances) for item in items], cfg, args.seed)
-    with atomic_path(args.out) as tmp:
-        Image.fromarray(grid).save(tmp, format="PNG")
-    log.info("wrote %s: %d rows (%s)", args.out, len(items), ", ".join(item.name for item in items))
-    return 0

@@ -20,7 +20,6 @@ Protocol:
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -28,11 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from cdcl.data.readers import Item, NucleiDataset, load_dataset, tile_name
+from cdcl.data.readers import Item, NucleiDataset, tile_name
 from cdcl.errors import CdclError
 from cdcl.io import ensure_writable_dir, write_json_atomic, write_text_atomic
+from cdcl.windows import window_starts
 
-__all__ = ["Split", "make_split", "parse_fraction", "read_split_file", "run", "tile_windows", "write_split"]
+__all__ = ["Split", "make_split", "parse_fraction", "read_split_file", "tile_windows", "write_split"]
 
 DEFAULT_TILE = {"monuseg": 250}
 DEFAULT_VAL_FRACTION = 0.1
@@ -77,10 +77,7 @@ def tile_windows(height: int, width: int, tile: int) -> list[tuple[int, int, int
 def _starts(length: int, tile: int) -> list[tuple[int, int]]:
     if length <= tile:
         return [(0, length)]
-    starts = list(range(0, length - tile + 1, tile))
-    if starts[-1] + tile < length:
-        starts.append(length - tile)
-    return [(start, tile) for start in starts]
+    return [(start, tile) for start in window_starts(length, tile)]
 
 
 def make_split(
@@ -216,23 +213,3 @@ def read_split_file(path: str | Path, dataset: NucleiDataset) -> list[str]:
         seen[name] = number
         names.append(name)
     return names
-
-
-def run(args: argparse.Namespace) -> int:
-    """``cdcl split``: write the four lists and split.json for one label budget."""
-    if args.seed < 0:
-        raise CdclError(f"--seed must be 0 or more, got {args.seed}")
-    dataset = load_dataset(args.data, args.format)
-    tile = args.tile if args.tile is not None else DEFAULT_TILE.get(args.format)
-    split = make_split(
-        dataset,
-        parse_fraction(args.labeled),
-        args.seed,
-        tile=tile or None,  # --tile 0: whole images
-        val_fraction=args.val,
-        test_fraction=args.test,
-    )
-    write_split(split, args.out)
-    counts = ", ".join(f"{count} {name}" for name, count in split.counts().items())
-    print(f"{counts} -> {args.out}")
-    return 0

@@ -14,13 +14,12 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage as ndi
 from skimage.color import rgb_from_hed
 from skimage.draw import line_aa, polygon
 from skimage.segmentation import find_boundaries
 
-from cdcl.io import atomic_path, ensure_writable_dir
+from cdcl.io import ensure_writable_dir, save_png
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +27,9 @@ _MIN_AREA = 12  # pixels; smaller leftovers of a nucleus cut by the tile edge or
 _MAX_OVERLAP = 0.3  # a new nucleus may hide at most this share of itself or of any neighbour
 
 
-def synthetic_tile(rng_or_seed: np.random.Generator | int | None, size: int = 256, *,
-                   n_nuclei: tuple[int, int] = (15, 45)) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_tile(
+    rng_or_seed: np.random.Generator | int | None, size: int = 256, *, n_nuclei: tuple[int, int] = (15, 45)
+) -> tuple[np.ndarray, np.ndarray]:
     """One H&E-like tile: (size x size x 3 uint8 RGB, size x size int32 instance map, 0 = background).
 
     ``n_nuclei`` is the range of nuclei per 256 x 256 pixels (about MoNuSeg's density), scaled to the tile's area;
@@ -86,8 +86,9 @@ def _fibres(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     return np.clip(out, 0, 1) + 0.1 * np.clip(streaks / (streaks.std() + 1e-12), 0, None)
 
 
-def _nuclei(shape: tuple[int, int], rng: np.random.Generator,
-            n_nuclei: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _nuclei(
+    shape: tuple[int, int], rng: np.random.Generator, n_nuclei: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Instance map of non-overlapping nuclei (touching allowed) and a darkness factor per id (index 0 unused)."""
     instances = np.zeros(shape, np.int32)
     mean_radius = rng.uniform(5.5, 10)
@@ -143,8 +144,9 @@ def _place(instances: np.ndarray, rr: np.ndarray, cc: np.ndarray, new_id: int) -
     return True
 
 
-def _add_nuclei(haem: np.ndarray, eosin: np.ndarray, instances: np.ndarray, darkness: np.ndarray,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _add_nuclei(
+    haem: np.ndarray, eosin: np.ndarray, instances: np.ndarray, darkness: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Paint haematoxylin into the nuclei: chromatin texture, dark rims on pale nuclei, soft borders."""
     inside = instances > 0
     dark = darkness[instances]
@@ -178,8 +180,9 @@ def _to_rgb(stains: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
 
 
-def write_synthetic_dataset(out_dir: str | Path, n_images: int, seed: int = 0, size: int = 256, *,
-                            masks_for: int | None = None) -> Path:
+def write_synthetic_dataset(
+    out_dir: str | Path, n_images: int, seed: int = 0, size: int = 256, *, masks_for: int | None = None
+) -> Path:
     """Write a ``folder``-format dataset: images/synth_000.png ... and masks/synth_000.png (uint16 instances).
 
     Image ``i`` depends only on ``(seed, i)``, so files are byte-identical across runs and across values of
@@ -195,16 +198,11 @@ def write_synthetic_dataset(out_dir: str | Path, n_images: int, seed: int = 0, s
     names = [f"synth_{i:0{digits}d}.png" for i in range(n_images)]
     for i, name in enumerate(names):
         image, instances = synthetic_tile(np.random.default_rng([seed, i]), size)
-        _write_png(images / name, image)
+        save_png(images / name, image)
         if i < masks_for:
-            _write_png(masks / name, instances.astype(np.uint16))
+            save_png(masks / name, instances.astype(np.uint16))
     for folder, keep in ((images, names), (masks, names[:masks_for])):
         for stale in {p.name for p in folder.glob("synth_*.png")} - set(keep):
             (folder / stale).unlink()
     log.info("wrote %d synthetic images (%d with masks) to %s", n_images, masks_for, out_dir)
     return out_dir
-
-
-def _write_png(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")

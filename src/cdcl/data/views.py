@@ -47,8 +47,15 @@ class AugmentConfig:
         if self.crop_size < 1:
             raise ValueError(f"crop_size must be >= 1, got {self.crop_size}")
         for name, low, high in [
-            ("labeled_strength", 0, 1), ("brightness", 0, 1), ("contrast", 0, 1), ("saturation", 0, 1),
-            ("hue", 0, 0.5), ("blur_prob", 0, 1), ("grey_prob", 0, 1), ("hed_sigma", 0, 1), ("noise_std", 0, 1),
+            ("labeled_strength", 0, 1),
+            ("brightness", 0, 1),
+            ("contrast", 0, 1),
+            ("saturation", 0, 1),
+            ("hue", 0, 0.5),
+            ("blur_prob", 0, 1),
+            ("grey_prob", 0, 1),
+            ("hed_sigma", 0, 1),
+            ("noise_std", 0, 1),
         ]:
             value = getattr(self, name)
             if not low <= value <= high:
@@ -88,8 +95,10 @@ class Geometry:
             rows, cols = _mirror(self.rows, image.shape[0])[0], _mirror(self.cols, image.shape[1])[0]
             return self._dihedral(image.take(rows, axis=0).take(cols, axis=1).astype(np.float32))
         grid = np.meshgrid(self.rows, self.cols, indexing="ij")
-        channels = [ndi.map_coordinates(image[..., c], grid, order=1, mode="reflect", output=np.float32)
-                    for c in range(image.shape[2])]
+        channels = [
+            ndi.map_coordinates(image[..., c], grid, order=1, mode="reflect", output=np.float32)
+            for c in range(image.shape[2])
+        ]
         return self._dihedral(np.stack(channels, axis=-1))
 
     def labels(self, instances: np.ndarray) -> np.ndarray:
@@ -156,8 +165,9 @@ def _photometric(x: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig, st
     return x
 
 
-def _colour_map(x: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig,
-                strength: float) -> tuple[np.ndarray, np.ndarray]:
+def _colour_map(
+    x: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig, strength: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Brightness, contrast, saturation, hue and grey-scale jitter composed into one affine colour map.
 
     Pixels are row vectors: ``p -> p @ matrix + offset``. Every step is affine, so composing them first costs
@@ -229,8 +239,9 @@ def _chw(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def labeled_view(image: np.ndarray, instances: np.ndarray, rng: np.random.Generator,
-                 cfg: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
+def labeled_view(
+    image: np.ndarray, instances: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig
+) -> tuple[np.ndarray, np.ndarray]:
     """Augmented (3xSxS float32 image, SxS int32 instances relabelled 1..K) of a labeled image."""
     _check(image, instances)
     geometry = sample_geometry(image.shape[:2], rng, cfg)

@@ -1,4 +1,7 @@
-"""Training methods: each turns a labeled (and unlabeled) batch into named losses; the engine does the rest."""
+"""Training methods: each turns a labeled (and unlabeled) batch into named losses (``losses`` holds the loss
+functions, on tensors only); the engine (``cdcl.training``) does the rest. Methods may import ``instances``
+(representation losses) and the top-level utilities, never ``data``, ``models``, ``training``, ``inference``,
+``wsi`` or ``commands``."""
 
 from __future__ import annotations
 
@@ -7,8 +10,11 @@ from cdcl.methods.cdcl import CDCL
 from cdcl.methods.fixmatch import FixMatch
 from cdcl.methods.mean_teacher import MeanTeacher
 from cdcl.methods.supervised import Supervised
+from cdcl.vocab import METHODS
 
-REGISTRY: dict[str, type[Method]] = {"supervised": Supervised, "mean_teacher": MeanTeacher, "fixmatch": FixMatch, "cdcl": CDCL}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Supervised, MeanTeacher, FixMatch, CDCL)}
+if tuple(REGISTRY) != METHODS:  # the config, the CLI and the benchmarks offer cdcl.vocab.METHODS
+    raise ImportError(f"method classes {tuple(REGISTRY)} differ from cdcl.vocab.METHODS {METHODS}")
 
 
 def build_method(cfg, representation: str = "binary") -> Method:

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from cdcl.losses import confident_cross_entropy, sigmoid_rampup
-from cdcl.representations import class_logits, distance_consistency, foreground_logits
-from cdcl.representations import supervised_loss as representation_loss
+from cdcl.instances.representations import class_logits, distance_consistency, foreground_logits
+from cdcl.instances.representations import supervised_loss as representation_loss
+from cdcl.methods.losses import confident_cross_entropy, sigmoid_rampup
 
 
 class Method:
     """Base class. ``losses`` returns named scalar tensors, always including ``total``."""
 
+    name: ClassVar[str]  # the config's method.name: one of cdcl.vocab.METHODS (the registry is keyed by it)
     uses_unlabeled = False
 
     def __init__(self, cfg: Any, representation: str = "binary") -> None:
@@ -55,8 +56,14 @@ class Method:
             terms["cons_dist"] = distance_consistency(student_logits, teacher_logits, mask > self.cfg.threshold)
         return terms
 
-    def losses(self, student: nn.Module, teacher: nn.Module, labeled: dict[str, Tensor],
-               unlabeled: dict[str, Tensor] | None, step: int) -> dict[str, Tensor]:
+    def losses(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        labeled: dict[str, Tensor],
+        unlabeled: dict[str, Tensor] | None,
+        step: int,
+    ) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
@@ -66,8 +73,9 @@ class Method:
         del state
 
 
-def student_forward(student: nn.Module, labeled: dict[str, Tensor], extra: Tensor | None, embeddings: bool = False
-                    ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+def student_forward(
+    student: nn.Module, labeled: dict[str, Tensor], extra: Tensor | None, embeddings: bool = False
+) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
     """One student pass over labeled images and (optionally) unlabeled strong views, split back apart.
 
     A single concatenated batch is cheaper than two passes and lets BatchNorm see both distributions.

@@ -10,12 +10,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cdcl.losses import MemoryBank, cross_patch_contrastive, entropy_loss
+from cdcl.instances.representations import class_logits, foreground_logits
 from cdcl.methods.base import Method, student_forward, teacher_forward
-from cdcl.representations import class_logits, foreground_logits
+from cdcl.methods.losses import MemoryBank, cross_patch_contrastive, entropy_loss
 
 
 class CDCL(Method):
+    name = "cdcl"
+
     uses_unlabeled = True
 
     def __init__(self, cfg, representation: str = "binary") -> None:
@@ -74,9 +76,22 @@ class CDCL(Method):
         s_labels = s_probs.argmax(dim=1)
         valid = t_conf > cfg.threshold if cfg.pseudo_label_filter else None
         return cross_patch_contrastive(
-            s_emb, t_emb, s_labels, t_labels, valid, self.bank, grid=cfg.grid, bdp=cfg.bdp, fdp=cfg.fdp,
-            temperature=cfg.temperature, num_anchors=cfg.num_anchors, num_bank_samples=cfg.num_bank_samples,
-            anchor_source=cfg.anchor_source, patch_filter=cfg.patch_filter, generator=self._generator(s_emb.device, step))
+            s_emb,
+            t_emb,
+            s_labels,
+            t_labels,
+            valid,
+            self.bank,
+            grid=cfg.grid,
+            bdp=cfg.bdp,
+            fdp=cfg.fdp,
+            temperature=cfg.temperature,
+            num_anchors=cfg.num_anchors,
+            num_bank_samples=cfg.num_bank_samples,
+            anchor_source=cfg.anchor_source,
+            patch_filter=cfg.patch_filter,
+            generator=self._generator(s_emb.device, step),
+        )
 
     def state_dict(self):
         return {"bank": self.bank.state_dict()} if self.bank is not None else {}

@@ -7,6 +7,8 @@ from cdcl.methods.base import Method, student_forward, teacher_forward
 
 
 class FixMatch(Method):
+    name = "fixmatch"
+
     uses_unlabeled = True
 
     def losses(self, student, teacher, labeled, unlabeled, step):

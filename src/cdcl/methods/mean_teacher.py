@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import torch
 
+from cdcl.instances.representations import distance_consistency
 from cdcl.methods.base import Method, student_forward, teacher_forward
-from cdcl.representations import distance_consistency
 
 
 class MeanTeacher(Method):
+    name = "mean_teacher"
+
     uses_unlabeled = True
 
     def losses(self, student, teacher, labeled, unlabeled, step):

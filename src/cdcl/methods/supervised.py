@@ -6,5 +6,7 @@ from cdcl.methods.base import Method
 
 
 class Supervised(Method):
+    name = "supervised"
+
     def losses(self, student, teacher, labeled, unlabeled, step):
         return self.supervised_only(student, labeled)

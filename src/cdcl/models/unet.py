@@ -7,7 +7,7 @@ stride 2 (the encoder's stride-2 features as a skip where it has them) and the c
 output stride 2 its logits are upsampled bilinearly, at 1 it predicts each 2x2 block of input pixels (sub-pixel
 convolution, ``pixel_shuffle``), so a 1-px gap between touching nuclei can be drawn at the input resolution
 without paying for convolutions there. The classifier's channels follow the instance representation
-(``cdcl.representations``).
+(``cdcl.instances.representations``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cdcl.errors import CdclError
-from cdcl.representations import OUTPUT_CHANNELS, OUTPUT_STRIDES, check_representation
+from cdcl.errors import CdclError, squashed
+from cdcl.instances.representations import OUTPUT_CHANNELS, OUTPUT_STRIDES, check_representation
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,7 +30,9 @@ SKIP2_CHANNELS = 16  # the encoder's stride-2 features, projected to this width 
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 class UpBlock(nn.Module):
@@ -94,8 +96,12 @@ def create_encoder(name: str, pretrained: bool | str) -> nn.Module:
     """A timm backbone returning features at strides 4, 8, 16, 32; helpful errors for bad names/weights."""
     if name not in timm.list_models():
         close = difflib.get_close_matches(name, timm.list_models(), n=8, cutoff=0.6)
-        hint = f"close matches: {', '.join(close)}" if close else "e.g. resnet18, resnet34, densenet161, efficientnet_b0"
-        raise CdclError(f"unknown encoder '{name}' ({hint}; all names: python -c 'import timm; print(timm.list_models())')")
+        hint = (
+            f"close matches: {', '.join(close)}" if close else "e.g. resnet18, resnet34, densenet161, efficientnet_b0"
+        )
+        raise CdclError(
+            f"unknown encoder '{name}' ({hint}; all names: python -c 'import timm; print(timm.list_models())')"
+        )
     kwargs: dict = {"features_only": True, "pretrained": bool(pretrained)}
     path = None
     if isinstance(pretrained, str):
@@ -106,12 +112,15 @@ def create_encoder(name: str, pretrained: bool | str) -> nn.Module:
     try:
         encoder = timm.create_model(name, **kwargs)
     except Exception as exc:  # noqa: BLE001 - timm and the hub raise many types; each is a one-line user error
-        detail = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        detail = f"{type(exc).__name__}: {squashed(exc, 300)}"
         if not pretrained:  # features_only unsupported by this architecture
             raise CdclError(f"cannot build encoder '{name}' ({detail})") from None
         source = "this file" if path else "the Hugging Face hub (needs the network)"
-        raise CdclError(f"config key 'model.pretrained': cannot load '{name}' weights from {source}; use a local "
-                        f"weights file or model.pretrained=false ({detail})", path) from None
+        raise CdclError(
+            f"config key 'model.pretrained': cannot load '{name}' weights from {source}; use a local "
+            f"weights file or model.pretrained=false ({detail})",
+            path,
+        ) from None
     reductions = encoder.feature_info.reduction()
     missing = [s for s in STRIDES if s not in reductions]
     if missing:
@@ -122,10 +131,20 @@ def create_encoder(name: str, pretrained: bool | str) -> nn.Module:
 class SegmentationModel(nn.Module):
     """``forward(x)`` takes RGB in [0, 1] (normalised inside, so a checkpoint alone is enough to predict)."""
 
-    def __init__(self, encoder: str = "resnet18", pretrained: bool | str = False, decoder_channels: tuple[int, int, int] = (256, 128, 64),
-                 feature_channels: int = 256, head_channels: int = 64, embed_dim: int = 128, dropout: float = 0.3,
-                 pool_projector: bool = False, output_stride: int = 4, representation: str = "binary",
-                 fine_channels: int = 32) -> None:
+    def __init__(
+        self,
+        encoder: str = "resnet18",
+        pretrained: bool | str = False,
+        decoder_channels: tuple[int, int, int] = (256, 128, 64),
+        feature_channels: int = 256,
+        head_channels: int = 64,
+        embed_dim: int = 128,
+        dropout: float = 0.3,
+        pool_projector: bool = False,
+        output_stride: int = 4,
+        representation: str = "binary",
+        fine_channels: int = 32,
+    ) -> None:
         super().__init__()
         if output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
@@ -154,8 +173,10 @@ class SegmentationModel(nn.Module):
 
     def _encode(self, x: Tensor) -> list[Tensor]:
         if x.shape[-1] % 32 or x.shape[-2] % 32:
-            raise ValueError(f"input height and width must be multiples of 32, got {tuple(x.shape[-2:])}; pad to "
-                             f"{tuple(-(-s // 32) * 32 for s in x.shape[-2:])}")
+            raise ValueError(
+                f"input height and width must be multiples of 32, got {tuple(x.shape[-2:])}; pad to "
+                f"{tuple(-(-s // 32) * 32 for s in x.shape[-2:])}"
+            )
         return self.encoder((x - self.mean) / self.std)
 
     def _decode(self, feats: list[Tensor]) -> Tensor:
@@ -190,7 +211,16 @@ class SegmentationModel(nn.Module):
 
 def build_model(cfg) -> SegmentationModel:
     """Build from a ``cdcl.config.ModelConfig`` (or anything with the same fields)."""
-    return SegmentationModel(encoder=cfg.encoder, pretrained=cfg.pretrained, decoder_channels=tuple(cfg.decoder_channels),
-                             feature_channels=cfg.feature_channels, head_channels=cfg.head_channels, embed_dim=cfg.embed_dim,
-                             dropout=cfg.dropout, pool_projector=cfg.pool_projector, output_stride=cfg.output_stride,
-                             representation=cfg.instances, fine_channels=cfg.fine_channels)
+    return SegmentationModel(
+        encoder=cfg.encoder,
+        pretrained=cfg.pretrained,
+        decoder_channels=tuple(cfg.decoder_channels),
+        feature_channels=cfg.feature_channels,
+        head_channels=cfg.head_channels,
+        embed_dim=cfg.embed_dim,
+        dropout=cfg.dropout,
+        pool_projector=cfg.pool_projector,
+        output_stride=cfg.output_stride,
+        representation=cfg.instances,
+        fine_channels=cfg.fine_channels,
+    )
