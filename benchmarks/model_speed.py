@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -20,16 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from provenance import git_commit
-
 from cdcl.config import load_config
 from cdcl.data.images import read_image
-from cdcl.infer import sliding_window_probability
+from cdcl.inference.window import sliding_window_probability
+from cdcl.instances.postprocess import instances_from_maps
+from cdcl.instances.representations import make_targets
 from cdcl.io import write_json_atomic, write_text_atomic
 from cdcl.methods import build_method
 from cdcl.models import build_model
-from cdcl.postprocess import instances_from_maps
-from cdcl.representations import make_targets
+
+from provenance import git_commit, machine
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -80,8 +79,12 @@ def run(images: list[Path], repeats: int) -> dict:
 
     def slide(name: str) -> None:
         models[name].eval()
-        maps[name] = [sliding_window_probability(models[name], p, window=infer.window, overlap=infer.overlap,
-                                                 batch_size=infer.batch_size, device="cpu") for p in pictures]
+        maps[name] = [
+            sliding_window_probability(
+                models[name], p, window=infer.window, overlap=infer.overlap, batch_size=infer.batch_size, device="cpu"
+            )
+            for p in pictures
+        ]
 
     steps = {name: training_step(configs[name], models[name]) for name in MODELS}
     timings: dict[str, dict[str, list[float]]] = {n: {"sliding": [], "post": [], "step": []} for n in MODELS}
@@ -104,21 +107,36 @@ def run(images: list[Path], repeats: int) -> dict:
             "step_time_vs_paper_model": min(t["step"]) / min(timings[base]["step"]),
             "all_seconds": t,
         }
-    return {"images": [p.name for p in images], "megapixels": megapixels, "repeats": repeats, "models": rows,
-            "window": infer.window, "overlap": infer.overlap, "batch_size": infer.batch_size}
+    return {
+        "images": [p.name for p in images],
+        "megapixels": megapixels,
+        "repeats": repeats,
+        "models": rows,
+        "window": infer.window,
+        "overlap": infer.overlap,
+        "batch_size": infer.batch_size,
+    }
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Command: `{result['command']}`; commit {result['git_commit']}; {result['machine']}.",
-             f"{len(result['images'])} MoNuSeg test images ({result['megapixels']:.1f} MP), window {result['window']}, "
-             f"batch {result['batch_size']}; best of {result['repeats']} interleaved repeats; random weights "
-             "(post-processing times depend on the weights: see speed.md for a trained model).", "",
-             "| model | sliding window MP/s | vs paper model | post-processing s/image | s per supervised step "
-             "(8 x 128 px) | vs paper model |", "|---|---|---|---|---|---|"]
+    m = result["machine"]
+    lines = [
+        f"Command: `{result['command']}`; commit {result['git_commit']}; {m['cpu']} ({m['cpu_count']} CPUs), torch "
+        f"{m['torch']}, {m['torch_threads']} thread(s), load average {result['loadavg_start'][0]:.1f} at the start.",
+        f"{len(result['images'])} MoNuSeg test images ({result['megapixels']:.1f} MP), window {result['window']}, "
+        f"batch {result['batch_size']}; best of {result['repeats']} interleaved repeats; random weights "
+        "(post-processing times depend on the weights: see speed.md for a trained model).",
+        "",
+        "| model | sliding window MP/s | vs paper model | post-processing s/image | s per supervised step "
+        "(8 x 128 px) | vs paper model |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in result["models"].items():
-        lines.append(f"| {name} | {r['megapixels_per_s_sliding_window']:.3f} | {r['throughput_vs_paper_model']:.2f}x | "
-                     f"{r['seconds_postprocess_per_image']:.3f} | {r['seconds_per_training_step']:.3f} | "
-                     f"{r['step_time_vs_paper_model']:.2f}x |")
+        lines.append(
+            f"| {name} | {r['megapixels_per_s_sliding_window']:.3f} | {r['throughput_vs_paper_model']:.2f}x | "
+            f"{r['seconds_postprocess_per_image']:.3f} | {r['seconds_per_training_step']:.3f} | "
+            f"{r['step_time_vs_paper_model']:.2f}x |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -130,9 +148,12 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     images = sorted(TEST_IMAGES.iterdir())[: 1 if args.quick else 3]
-    result = {"command": " ".join(["python", "benchmarks/model_speed.py", *sys.argv[1:]]), "git_commit": git_commit(),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                         f"{torch.get_num_threads()} thread(s), load {os.getloadavg()[0]:.1f}"}
+    result = {
+        "command": " ".join(["python", "benchmarks/model_speed.py", *sys.argv[1:]]),
+        "git_commit": git_commit(),
+        "machine": machine(torch=torch.__version__, torch_threads=torch.get_num_threads()),
+        "loadavg_start": list(os.getloadavg()),
+    }
     result.update(run(images, 1 if args.quick else 5))
     out = args.out or (Path(tempfile.mkdtemp(prefix="cdcl-model-speed-")) if args.quick else RESULTS)
     out.mkdir(parents=True, exist_ok=True)

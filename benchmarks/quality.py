@@ -56,7 +56,11 @@ TUNING = {
 OLD_MODEL = ["model.output_stride=4", "model.instances=binary"]
 """The paper's model (two classes at 1/4 resolution): rows trained with it carry the suffix ``-old``; a plain
 method name always means the current default model."""
-REPRESENTATION_VARIANTS = {"distance": ["model.instances=distance"], "binary-s1": ["model.instances=binary"]}
+REPRESENTATION_VARIANTS = {
+    "distance": ["model.instances=distance"],
+    "boundary3": ["method.boundary_weight=3"],
+    "binary-s1": ["model.instances=binary"],
+}
 """The instance representations the default (three_class) was compared against, on the same splits and seeds."""
 
 
@@ -88,6 +92,8 @@ def plan() -> list[Run]:
     # The instance model (issue 18): the default representation beside its alternatives, then CDCL and full labels.
     runs.append(Run("monuseg", "1-16", 0, "supervised", "supervised"))
     runs.append(Run("monuseg", "1-16", 0, "supervised-distance", "supervised", REPRESENTATION_VARIANTS["distance"]))
+    runs.append(Run("monuseg", "1-16", 0, "supervised-boundary3", "supervised", REPRESENTATION_VARIANTS["boundary3"]))
+    runs.append(Run("monuseg", "1-16", 0, "supervised-old-rerun", "supervised", OLD_MODEL))  # same machine and commit
     for seed in (0, 1, 2):
         runs.append(Run("monuseg", "full", seed, "supervised", "supervised"))
         runs.append(Run("monuseg", "1-16", seed, "cdcl", "cdcl"))

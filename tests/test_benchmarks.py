@@ -39,7 +39,7 @@ def record(method: str, seed: int, dice: float, aji: float, budget: str = "1-16"
         "seed": seed,
         "name": method,
         "method": method,
-        "mean": {"dice": dice, "iou": dice - 0.15, "aji": aji, "pq": aji - 0.07},
+        "mean": {"dice": dice, "iou": dice - 0.15, "aji": aji, "pq": aji - 0.07, "precision": aji + 0.1},
         "val_dice_curve": [[500, dice + 0.01], [1000, dice]],
         "median_s_per_iter": 0.05 if cuda else 2.0,
         "machine": {"cuda": cuda, "cpus": 2},
@@ -73,7 +73,7 @@ def test_paired_gaps_are_per_seed_differences_in_points(quality):
     for r in runs:
         groups.setdefault(("monuseg", r["budget"], r["name"]), []).append(r)
     lines = quality.paired_gaps(groups)
-    assert lines[2] == "| 1/16 | supervised | 2 | 2.0 ± 1.4 (n=2) | 3.0 ± 1.4 (n=2) |"
+    assert lines[2] == "| 1/16 | cdcl | supervised | 2 | 2.0 ± 1.4 (n=2) | 3.0 ± 1.4 (n=2) | 3.0 ± 1.4 (n=2) |"
     assert len(lines) == 3  # no Mean Teacher or FixMatch runs: no rows for them
 
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cdcl.checkpoint import load_predictor
 from cdcl.data import load_dataset
-from cdcl.infer import predict_instances
+from cdcl.inference.predictor import load_predictor, predict_instances
 from cdcl.metrics import evaluate_pair
 from cdcl.viz import plot_comparison_grid
 

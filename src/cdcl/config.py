@@ -71,6 +71,7 @@ class MethodConfig:
     use_consistency: bool = True
     use_entropy: bool = True
     w_distance: float = 1.0  # supervised distance-map regression weight (model.instances=distance)
+    boundary_weight: float = 1.0  # cross-entropy weight of the boundary class (model.instances=three_class)
     instance_consistency: bool = True  # consistency on the instance channels too (boundary class, distance map)
     contrast_boundary: bool = False  # cdcl: boundary pixels are their own contrastive label (three_class)
 
@@ -99,6 +100,7 @@ class TrainConfig:
     max_skipped: int = 20  # with on_nonfinite=skip, stop after this many skipped steps
     eval_model: str = "ema"  # ema | student: the weights validated and saved as best.pt
     tune_postprocess: bool = True  # tune instance thresholds on the val split after training
+    select_by: str = "aji"  # aji | dice: the validation score that picks best.pt (AJI at default post-processing)
 
 
 @dataclass
@@ -308,7 +310,7 @@ def validate(config: Config) -> None:
             config.model.instances in REPRESENTATIONS,
             f"model.instances must be one of {', '.join(REPRESENTATIONS)}, got '{config.model.instances}'",
         ),
-        (m.w_distance >= 0, "method.w_distance must be >= 0"),
+        (m.w_distance >= 0 and m.boundary_weight > 0, "method.w_distance must be >= 0 and method.boundary_weight > 0"),
         (config.data.format in FORMATS, f"data.format '{config.data.format}' is not {spoken(FORMATS)}"),
         (0.0 <= m.threshold < 1.0, "method.threshold must be in [0, 1)"),
         (0.0 <= m.bdp <= m.fdp <= 1.0, "method.bdp <= method.fdp must hold, both in [0, 1]"),
@@ -323,6 +325,7 @@ def validate(config: Config) -> None:
         (t.val_every >= 1 and t.log_every >= 1, "train.val_every and train.log_every must be >= 1"),
         (t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be 'stop' or 'skip'"),
         (t.eval_model in ("ema", "student"), "train.eval_model must be 'ema' or 'student'"),
+        (t.select_by in ("aji", "dice"), "train.select_by must be 'aji' or 'dice'"),
         (config.infer.window % 32 == 0 and config.infer.window > 0, "infer.window must be a positive multiple of 32"),
         (config.augment.crop_size % 32 == 0, "augment.crop_size must be a multiple of 32"),
         (0.0 <= config.infer.overlap < 1.0, "infer.overlap must be in [0, 1)"),

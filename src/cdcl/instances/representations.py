@@ -102,10 +102,16 @@ def prediction_maps(logits: Tensor, representation: str) -> Tensor:
     return torch.stack([probs[:, 1], distance_prediction(logits)], dim=1)
 
 
-def supervised_loss(logits: Tensor, batch: dict[str, Tensor], representation: str, w_distance: float = 1.0) -> Tensor:
-    """Cross-entropy on the classes, plus (distance) the squared error of the distance map over every pixel."""
+def supervised_loss(
+    logits: Tensor, batch: dict[str, Tensor], representation: str, w_distance: float = 1.0, boundary_weight: float = 1.0
+) -> Tensor:
+    """Cross-entropy on the classes (the thin boundary class weighted by ``boundary_weight``), plus (distance) the
+    squared error of the distance map over every pixel."""
     logits = logits.float()
-    loss = F.cross_entropy(class_logits(logits, representation), batch["target"])
+    weight = None
+    if representation == "three_class" and boundary_weight != 1.0:
+        weight = torch.tensor([1.0, 1.0, boundary_weight], device=logits.device)
+    loss = F.cross_entropy(class_logits(logits, representation), batch["target"], weight=weight)
     if representation == "distance" and w_distance > 0:
         loss = loss + w_distance * F.mse_loss(distance_prediction(logits), batch["distance"].float())
     return loss

@@ -37,7 +37,7 @@ class Method:
 
     def supervised_loss(self, logits: Tensor, labeled: dict[str, Tensor]) -> Tensor:
         """Cross-entropy on the labeled classes (plus the distance regression of that representation)."""
-        return representation_loss(logits, labeled, self.representation, self.cfg.w_distance)
+        return representation_loss(logits, labeled, self.representation, self.cfg.w_distance, self.cfg.boundary_weight)
 
     def consistency_logits(self, logits: Tensor) -> Tensor:
         """The class logits the consistency terms compare: every class, or with ``instance_consistency`` off,

@@ -34,10 +34,11 @@ from cdcl.data.loaders import LabeledSet, UnlabeledSet, stream_loader
 from cdcl.data.splits import read_split_file
 from cdcl.errors import CdclError, squashed
 from cdcl.inference.window import foreground_of, sliding_window_probability, windows_per_batch
-from cdcl.instances.postprocess import tune_params
+from cdcl.instances.postprocess import PostprocessParams, instances_from_maps, tune_params
 from cdcl.io import complete_lines, ensure_writable_dir, remove_leftover_temporaries, write_text_atomic
 from cdcl.methods import build_method
 from cdcl.methods.losses import ema_alpha
+from cdcl.metrics import aji
 from cdcl.models import build_model
 from cdcl.runtime import amp_dtype, resolve_device, seed_everything
 from cdcl.viz import plot_training_curves
@@ -246,7 +247,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "method_state": self.method.state_dict(),
             "rng": {"torch": torch.get_rng_state()},
-            "best": {"dice": self.best, "step": self.best_step},
+            "best": {self.config.train.select_by: self.best, "step": self.best_step},
             "skipped": self.skipped,
             "postprocess": self.postprocess,
             "mpp": cfg.data.mpp,
@@ -287,7 +288,8 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CdclError(f"cannot resume: checkpoint does not match this run ({squashed(exc, 160)})", path) from None
         self.step, self.skipped = payload["step"], payload.get("skipped", 0)
-        self.best, self.best_step = payload["best"]["dice"], payload["best"]["step"]
+        self.best = payload["best"].get(self.config.train.select_by, -1.0)
+        self.best_step = payload["best"]["step"]
         self.postprocess, self.complete = payload.get("postprocess"), payload.get("complete", False)
         log.info("resuming %s at iteration %d", self.out, self.step)
 
@@ -334,11 +336,18 @@ class Trainer:
             )
         return lab, unl
 
-    def validate(self) -> float | None:
+    def validate(self) -> dict[str, float] | None:
+        """Pooled Dice of the validation images, and their mean AJI with the default post-processing when the
+        checkpoint is chosen by AJI (the instances are what a user gets; Dice peaks before the borders settle)."""
         if not self.splits.val or not self.dist.main:
             return None
         model = self.teacher if self.config.train.eval_model == "ema" else self.student
-        return pooled_dice(predict_probabilities(model, self.splits.val, self.config, self.device), self.splits.val)
+        probs = predict_probabilities(model, self.splits.val, self.config, self.device)
+        scores = {"dice": pooled_dice(probs, self.splits.val)}
+        if self.config.train.select_by == "aji":
+            labels = [instances_from_maps(p, PostprocessParams()) for p in probs]
+            scores["aji"] = float(np.mean([aji(it.instances, lab)["aji"] for it, lab in zip(self.splits.val, labels)]))
+        return scores
 
     def fit(self) -> dict[str, Any]:
         cfg = self.config
@@ -453,12 +462,12 @@ class Trainer:
         self.step += 1
 
     def _validate_and_save(self) -> None:
-        dice = self.validate()
+        scores = self.validate()
         if self.dist.main:
-            if dice is not None:
-                self._log({"iteration": self.step, "val/dice": dice})
-                if dice > self.best:
-                    self.best, self.best_step = dice, self.step
+            if scores is not None:
+                self._log({"iteration": self.step, **{f"val/{k}": v for k, v in scores.items()}})
+                if scores[self.config.train.select_by] > self.best:
+                    self.best, self.best_step = scores[self.config.train.select_by], self.step
                     self.save("best.pt")
             self.save("last.pt")
             plot_training_curves(self._records(), self.out / "curves.png")
@@ -491,7 +500,7 @@ class Trainer:
         return {
             "out": str(self.out),
             "iterations": self.step,
-            "best_val_dice": self.best,
+            f"best_val_{self.config.train.select_by}": self.best,
             "best_step": self.best_step,
             "skipped_steps": self.skipped,
             "postprocess": self.postprocess,

@@ -12,19 +12,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cdcl.checkpoint import lean_payload, load_checkpoint, load_predictor, save_checkpoint
+from cdcl.checkpoint import lean_payload, load_checkpoint, save_checkpoint
 from cdcl.config import load_config
 from cdcl.errors import CdclError
-from cdcl.infer import sliding_window_probability
+from cdcl.inference.predictor import load_predictor
+from cdcl.inference.window import sliding_window_probability
+from cdcl.instances.postprocess import PostprocessParams, instances_from_maps, tune_params
+from cdcl.instances.representations import REPRESENTATIONS, make_targets, prediction_maps, supervised_loss
 from cdcl.methods import build_method
 from cdcl.metrics import evaluate_pair
 from cdcl.models import build_model
 from cdcl.models.unet import SegmentationModel
-from cdcl.postprocess import PostprocessParams, instances_from_maps, tune_params
-from cdcl.representations import REPRESENTATIONS, make_targets, prediction_maps, supervised_loss
 
-TINY = ["model.decoder_channels=[16,16,16]", "model.feature_channels=16", "model.head_channels=8",
-        "model.embed_dim=8", "model.fine_channels=8"]
+TINY = [
+    "model.decoder_channels=[16,16,16]",
+    "model.feature_channels=16",
+    "model.head_channels=8",
+    "model.embed_dim=8",
+    "model.fine_channels=8",
+]
 
 
 def disc(shape, centre, radius):
@@ -112,23 +118,48 @@ def test_every_output_stride_and_representation_gives_input_sized_logits(stride,
 
 def test_full_resolution_head_can_draw_a_one_pixel_gap():
     """At output stride 1 neighbouring input pixels get their own logits (sub-pixel convolution)."""
-    model = SegmentationModel(encoder="resnet18", decoder_channels=(16, 16, 16), feature_channels=16, head_channels=8,
-                              embed_dim=8, output_stride=1, representation="three_class", fine_channels=8).eval()
+    model = SegmentationModel(
+        encoder="resnet18",
+        decoder_channels=(16, 16, 16),
+        feature_channels=16,
+        head_channels=8,
+        embed_dim=8,
+        output_stride=1,
+        representation="three_class",
+        fine_channels=8,
+    ).eval()
     logits = model(torch.rand(1, 3, 64, 64))["logits"]
     blocks = logits.reshape(1, 3, 32, 2, 32, 2)
     assert not torch.allclose(blocks[..., 0, :, 0], blocks[..., 1, :, 1])  # not a nearest/bilinear copy
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("model.output_stride", "3", "model.output_stride must be one of 1, 2, 4, got 3"),
-    ("model.instances", "hover", "model.instances must be one of binary, three_class, distance, got 'hover'"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("model.output_stride", "3", "model.output_stride must be one of 1, 2, 4, got 3"),
+        ("model.instances", "hover", "model.instances must be one of binary, three_class, distance, got 'hover'"),
+    ],
+)
 def test_bad_model_settings_are_one_line_errors(tmp_path, key, value, message):
     with pytest.raises(CdclError, match=message):
         load_config(None, [f"{key}={value}"])
-    done = subprocess.run([sys.executable, "-m", "cdcl.cli", "train", "--config", "configs/monuseg_supervised.yaml",
-                           "--set", f"{key}={value}", "--out", str(tmp_path / "run")], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cdcl.cli",
+            "train",
+            "--config",
+            "configs/monuseg_supervised.yaml",
+            "--set",
+            f"{key}={value}",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
 
@@ -169,8 +200,9 @@ def test_every_loss_term_is_finite_on_an_all_background_batch(method, representa
 def method_terms(representation: str, method: str, **settings):
     config, student, teacher = models(representation)
     labeled, unlabeled = batches(representation)
-    cfg = type(config.method)(**{**config.method.__dict__, "name": method, "warmup_iters": 0, "ramp_iters": 0,
-                                 "threshold": 0.0, **settings})
+    cfg = type(config.method)(
+        **{**config.method.__dict__, "name": method, "warmup_iters": 0, "ramp_iters": 0, "threshold": 0.0, **settings}
+    )
     torch.manual_seed(1)
     return build_method(cfg, representation).losses(student, teacher, labeled, unlabeled, step=5)
 
@@ -195,8 +227,9 @@ def test_three_class_consistency_falls_back_to_nucleus_vs_background():
 
 def test_contrastive_boundary_label_changes_only_the_contrastive_term():
     plain = method_terms("three_class", "cdcl", num_anchors=64, num_bank_samples=64, bdp=0.5, fdp=0.5)
-    boundary = method_terms("three_class", "cdcl", num_anchors=64, num_bank_samples=64, bdp=0.5, fdp=0.5,
-                                  contrast_boundary=True)
+    boundary = method_terms(
+        "three_class", "cdcl", num_anchors=64, num_bank_samples=64, bdp=0.5, fdp=0.5, contrast_boundary=True
+    )
     assert torch.equal(plain["sup"], boundary["sup"]) and torch.equal(plain["cons"], boundary["cons"])
     assert torch.isfinite(boundary["contr"])
 
@@ -207,14 +240,16 @@ GOLDEN = Path(__file__).parent / "golden" / "old_model_prediction.npz"
 
 def old_model() -> SegmentationModel:
     torch.manual_seed(3)
-    return SegmentationModel(encoder="resnet18", decoder_channels=(16, 16, 16), feature_channels=16, head_channels=8,
-                             embed_dim=8).eval()
+    return SegmentationModel(
+        encoder="resnet18", decoder_channels=(16, 16, 16), feature_channels=16, head_channels=8, embed_dim=8
+    ).eval()
 
 
 def old_checkpoint(tmp_path):
     """A checkpoint as written before the instance model: no output_stride or instances in its config."""
-    config = load_config(None, [*TINY, "model.output_stride=4", "model.instances=binary", "infer.window=64",
-                                "infer.batch_size=2"])
+    config = load_config(
+        None, [*TINY, "model.output_stride=4", "model.instances=binary", "infer.window=64", "infer.batch_size=2"]
+    )
     values = config.to_dict()
     for key in ("output_stride", "instances", "fine_channels"):
         del values["model"][key]
@@ -222,8 +257,17 @@ def old_checkpoint(tmp_path):
         del values["method"][key]
     state = old_model().state_dict()
     path = tmp_path / "old.pt"
-    save_checkpoint(path, {"config": values, "predict_with": "teacher", "weights": {"student": state, "teacher": state},
-                           "optimizer": {"state": {}, "param_groups": []}, "postprocess": None, "mpp": 0.25})
+    save_checkpoint(
+        path,
+        {
+            "config": values,
+            "predict_with": "teacher",
+            "weights": {"student": state, "teacher": state},
+            "optimizer": {"state": {}, "param_groups": []},
+            "postprocess": None,
+            "mpp": 0.25,
+        },
+    )
     return path
 
 
@@ -232,8 +276,9 @@ def test_old_checkpoints_still_predict_as_before(tmp_path):
     predictor = load_predictor(old_checkpoint(tmp_path), device="cpu")
     assert predictor.model.output_stride == 4 and predictor.model.representation == "binary"
     image = (np.random.default_rng(0).random((96, 80, 3)) * 255).astype(np.uint8)
-    prob = sliding_window_probability(predictor.model, image, window=predictor.window, overlap=0.25,
-                                      batch_size=predictor.batch_size)
+    prob = sliding_window_probability(
+        predictor.model, image, window=predictor.window, overlap=0.25, batch_size=predictor.batch_size
+    )
     assert np.array_equal(prob, golden["prob"])
     params = PostprocessParams(threshold=float(np.quantile(prob, 0.6)), min_size=2)
     assert np.array_equal(instances_from_maps(prob, params), golden["labels"]) and golden["labels"].max() == 26
@@ -245,8 +290,9 @@ def test_lean_checkpoint_and_export(tmp_path):
     lean = lean_payload(full)
     assert set(lean["weights"]) == {"teacher"} and "optimizer" not in lean
     out = tmp_path / "model.pt"
-    done = subprocess.run([sys.executable, "-m", "cdcl.cli", "export", str(path), str(out), "--half"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "cdcl.cli", "export", str(path), str(out), "--half"], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     exported = load_checkpoint(out)
     assert all(v.dtype == torch.float16 for v in exported["weights"]["teacher"].values() if v.is_floating_point())
@@ -257,7 +303,9 @@ def test_lean_checkpoint_and_export(tmp_path):
     a = sliding_window_probability(half.model, image, window=64)
     b = sliding_window_probability(load_predictor(path, device="cpu").model, image, window=64)
     assert np.abs(a - b).max() < 1e-2
-    again = subprocess.run([sys.executable, "-m", "cdcl.cli", "export", str(path), str(path)], capture_output=True, text=True)
+    again = subprocess.run(
+        [sys.executable, "-m", "cdcl.cli", "export", str(path), str(path)], capture_output=True, text=True
+    )
     assert again.returncode == 2 and "overwrite" in again.stderr
 
 
@@ -265,7 +313,7 @@ def test_old_run_folder_cannot_resume_with_the_new_head(tmp_path):
     """Resuming a run of the old model with the new default is a one-line error naming last.pt."""
     import shutil
 
-    from cdcl.train import Trainer
+    from cdcl.training.engine import Trainer
 
     run = tmp_path / "run"
     run.mkdir()
