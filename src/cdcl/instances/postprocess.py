@@ -40,8 +40,8 @@ SMOOTHING_SIGMA = 1.0
 DEFAULT_GRID = {"threshold": [0.3, 0.4, 0.5, 0.6, 0.7], "min_distance": [2, 3, 5]}
 MARKER_GRID = {
     "threshold": [0.3, 0.4, 0.5, 0.6, 0.7],
-    "marker_threshold": [0.3, 0.4, 0.5, 0.6, 0.7],
-    "min_size": [5, 10, 20],
+    "marker_threshold": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
+    "min_size": [5, 10, 20, 30],
 }
 """Tuning grid of the marker path; settings it leaves out keep their default (min_distance is not used there)."""
 _EIGHT = np.ones((3, 3), dtype=bool)
