@@ -56,7 +56,8 @@ def checkpoint_state(run: Path) -> dict[str, int | None]:
             steps[name] = None
             continue
         payload = load_checkpoint(path)  # raises on a truncated or corrupt file
-        assert all(torch.isfinite(v).all() for v in payload["weights"]["student"].values() if v.is_floating_point())
+        weights = payload["weights"]  # last.pt: student and teacher; best.pt: the weights it predicts with
+        assert all(torch.isfinite(v).all() for w in weights.values() for v in w.values() if v.is_floating_point())
         steps[name] = payload["step"]
     return steps
 
