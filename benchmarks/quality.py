@@ -58,7 +58,7 @@ OLD_MODEL = ["model.output_stride=4", "model.instances=binary"]
 method name always means the current default model."""
 REPRESENTATION_VARIANTS = {
     "distance": ["model.instances=distance"],
-    "boundary3": ["method.boundary_weight=3"],
+    "boundary1": ["method.boundary_weight=1"],
     "binary-s1": ["model.instances=binary"],
 }
 """The instance representations the default (three_class) was compared against, on the same splits and seeds."""
@@ -92,7 +92,7 @@ def plan() -> list[Run]:
     # The instance model (issue 18): the default representation beside its alternatives, then CDCL and full labels.
     runs.append(Run("monuseg", "1-16", 0, "supervised", "supervised"))
     runs.append(Run("monuseg", "1-16", 0, "supervised-distance", "supervised", REPRESENTATION_VARIANTS["distance"]))
-    runs.append(Run("monuseg", "1-16", 0, "supervised-boundary3", "supervised", REPRESENTATION_VARIANTS["boundary3"]))
+    runs.append(Run("monuseg", "1-16", 0, "supervised-boundary1", "supervised", REPRESENTATION_VARIANTS["boundary1"]))
     runs.append(Run("monuseg", "1-16", 0, "supervised-old-rerun", "supervised", OLD_MODEL))  # same machine and commit
     for seed in (0, 1, 2):
         runs.append(Run("monuseg", "full", seed, "supervised", "supervised"))

@@ -71,7 +71,7 @@ class MethodConfig:
     use_consistency: bool = True
     use_entropy: bool = True
     w_distance: float = 1.0  # supervised distance-map regression weight (model.instances=distance)
-    boundary_weight: float = 1.0  # cross-entropy weight of the boundary class (model.instances=three_class)
+    boundary_weight: float = 3.0  # cross-entropy weight of the thin boundary class (model.instances=three_class)
     instance_consistency: bool = True  # consistency on the instance channels too (boundary class, distance map)
     contrast_boundary: bool = False  # cdcl: boundary pixels are their own contrastive label (three_class)
 

@@ -103,7 +103,7 @@ def prediction_maps(logits: Tensor, representation: str) -> Tensor:
 
 
 def supervised_loss(
-    logits: Tensor, batch: dict[str, Tensor], representation: str, w_distance: float = 1.0, boundary_weight: float = 1.0
+    logits: Tensor, batch: dict[str, Tensor], representation: str, w_distance: float = 1.0, boundary_weight: float = 3.0
 ) -> Tensor:
     """Cross-entropy on the classes (the thin boundary class weighted by ``boundary_weight``), plus (distance) the
     squared error of the distance map over every pixel."""
