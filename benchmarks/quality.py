@@ -382,6 +382,7 @@ def main() -> None:
         default=[],
         help="run keys starting with this prefix (repeatable; runs follow the order of the prefixes)",
     )
+    parser.add_argument("--key", action="append", default=[], help="run exactly this key (repeatable, in this order)")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--set", action="append", default=[], help="extra config override for every run")
@@ -389,6 +390,12 @@ def main() -> None:
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     runs = select(plan(), args.only)
+    if args.key:
+        by_key = {r.key: r for r in runs}
+        unknown = [k for k in args.key if k not in by_key]
+        if unknown:
+            parser.error(f"not in the plan: {', '.join(unknown)}")
+        runs = [by_key[k] for k in args.key]
     results = load_results()
     if args.list:
         for r in runs:
