@@ -36,7 +36,7 @@ def main() -> None:
         title, _, path = spec.partition("=")
         _, labels = predict_instances(load_predictor(path, device="cpu"), item.image)
         s = evaluate_pair(item.instances, labels)
-        panels.append((f"{title}\nAJI {s['aji']:.3f} PQ {s['pq']:.3f} prec. {s['precision']:.2f}", labels[window]))
+        panels.append((f"{title}: AJI {s['aji']:.2f}, PQ {s['pq']:.2f}", labels[window]))
         print(title, {k: round(s[k], 3) for k in ("dice", "aji", "pq", "precision", "recall")})
     plot_comparison_grid(item.image[window], panels, args.out)
     print(f"wrote {args.out}")
