@@ -216,60 +216,52 @@ def tune_params(
 ) -> tuple[PostprocessParams, float]:
     """Grid search for the settings with the largest mean AJI over validation images; returns them and that AJI.
 
-    ``grid`` maps setting names to candidate lists; settings it leaves out take :data:`DEFAULT_GRID`'s list (or
-    the :class:`PostprocessParams` default when not there either). Foreground and energy are computed once per
-    (image, threshold, fill_holes), the watershed once per min_distance on top, and min_size only filters its
-    result, so the cost is dominated by #thresholds x #min_distances watersheds per image. Ties keep the
-    combination listed first.
+    ``probs`` are prediction maps of either shape (HxW: binary model; 2xHxW: learned representation). ``grid``
+    maps setting names to candidate lists; settings it leaves out take :data:`DEFAULT_GRID`'s list
+    (:data:`MARKER_GRID`'s for 2xHxW maps), or the :class:`PostprocessParams` default when not there either.
+    Foreground (and energy) are computed once per (image, threshold, fill_holes), the watershed once per
+    min_distance (or marker_threshold) on top, and min_size only filters its result, so the cost is dominated by
+    the watersheds. Ties keep the combination listed first.
     """
     if not probs or len(probs) != len(gts):
         raise ValueError(f"need as many ground truths as probability maps (>= 1), got {len(probs)} and {len(gts)}")
-    if np.ndim(probs[0]) == 3:
-        return _tune_markers(probs, gts, grid)
-    grid = _full_grid(grid)
+    markers = np.ndim(probs[0]) == 3
+    grid = _full_grid(grid, MARKER_GRID if markers else DEFAULT_GRID)
     scores: dict[tuple, list[float]] = {}
     for prob, gt in zip(probs, gts):
-        prob = _check_prob(prob)
-        if prob.shape != np.shape(gt):
+        prob = _check_maps(prob) if markers else _check_prob(prob)
+        if prob.shape[-2:] != np.shape(gt):
             raise ValueError(f"probability map {prob.shape} and ground truth {np.shape(gt)} differ in shape")
-        for threshold, fill_holes in itertools.product(grid["threshold"], grid["fill_holes"]):
-            fg = _foreground(prob, threshold, fill_holes)
-            energy = _energy(prob, fg, threshold)
-            for min_distance in grid["min_distance"]:
-                split = _split(fg, energy, min_distance)
-                for min_size in grid["min_size"]:
-                    key = (threshold, min_distance, min_size, fill_holes)
-                    scores.setdefault(key, []).append(aji(gt, _remove_small(split, min_size))["aji"])
+        for settings, split in (_marker_candidates if markers else _watershed_candidates)(prob, grid):
+            for min_size in grid["min_size"]:
+                key = tuple({**settings, "min_size": min_size}.items())
+                scores.setdefault(key, []).append(aji(gt, _remove_small(split, min_size))["aji"])
     means = {key: float(np.mean(values)) for key, values in scores.items()}
     best = max(means, key=means.get)
-    params = PostprocessParams(threshold=best[0], min_distance=best[1], min_size=best[2], fill_holes=best[3])
+    params = PostprocessParams(**dict(best))
     log.info("post-processing tuned on %d image(s): %s, mean AJI %.4f", len(probs), params.to_dict(), means[best])
     return params, means[best]
 
 
-def _tune_markers(
-    maps_list: list[np.ndarray], gts: list[np.ndarray], grid: dict | None
-) -> tuple[PostprocessParams, float]:
-    """:func:`tune_params` for 2xHxW maps: foreground once per (threshold, fill_holes), markers grown once per
-    marker_threshold on top, min_size filtering that result."""
-    grid = _full_grid(grid, MARKER_GRID)
-    scores: dict[tuple, list[float]] = {}
-    for maps, gt in zip(maps_list, gts):
-        maps = _check_maps(maps)
-        if maps.shape[1:] != np.shape(gt):
-            raise ValueError(f"prediction maps {maps.shape[1:]} and ground truth {np.shape(gt)} differ in shape")
-        for threshold, fill_holes in itertools.product(grid["threshold"], grid["fill_holes"]):
-            fg = _foreground(maps[0], threshold, fill_holes)
-            for marker_threshold in grid["marker_threshold"]:
-                grown = _grow_markers(fg, maps[1], marker_threshold)
-                for min_size in grid["min_size"]:
-                    key = (threshold, marker_threshold, min_size, fill_holes)
-                    scores.setdefault(key, []).append(aji(gt, _remove_small(grown, min_size))["aji"])
-    means = {key: float(np.mean(values)) for key, values in scores.items()}
-    best = max(means, key=means.get)
-    params = PostprocessParams(threshold=best[0], marker_threshold=best[1], min_size=best[2], fill_holes=best[3])
-    log.info("post-processing tuned on %d image(s): %s, mean AJI %.4f", len(maps_list), params.to_dict(), means[best])
-    return params, means[best]
+def _watershed_candidates(prob: np.ndarray, grid: dict):
+    """``(settings, instances before min_size)`` of the binary path for every grid combination."""
+    for threshold, fill_holes in itertools.product(grid["threshold"], grid["fill_holes"]):
+        fg = _foreground(prob, threshold, fill_holes)
+        energy = _energy(prob, fg, threshold)
+        for min_distance in grid["min_distance"]:
+            yield (
+                {"threshold": threshold, "min_distance": min_distance, "fill_holes": fill_holes},
+                _split(fg, energy, min_distance),
+            )
+
+
+def _marker_candidates(maps: np.ndarray, grid: dict):
+    """``(settings, instances before min_size)`` of the marker path for every grid combination."""
+    for threshold, fill_holes in itertools.product(grid["threshold"], grid["fill_holes"]):
+        fg = _foreground(maps[0], threshold, fill_holes)
+        for marker_threshold in grid["marker_threshold"]:
+            settings = {"threshold": threshold, "marker_threshold": marker_threshold, "fill_holes": fill_holes}
+            yield settings, _grow_markers(fg, maps[1], marker_threshold)
 
 
 def _full_grid(grid: dict | None, defaults_grid: dict = DEFAULT_GRID) -> dict:
