@@ -27,7 +27,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import relabel_sequential
 
 from cdcl.inference.predictor import load_predictor
-from cdcl.inference.window import sliding_window_probability
+from cdcl.inference.window import foreground_of, sliding_window_probability
 from cdcl.instances import postprocess
 
 from export_speed import MOSAIC, TRAIN, load, mosaic, timed, versions, write_results
@@ -85,7 +85,7 @@ def probability_maps(
         return probs, postprocess.PostprocessParams(), "ground-truth foregrounds blurred by a Gaussian (sigma 2 px)"
     predictor = load_predictor(checkpoint, device="cpu")
     probs = {
-        name: sliding_window_probability(predictor.model, image, **predictor.window_options())
+        name: foreground_of(sliding_window_probability(predictor.model, image, **predictor.window_options()))
         for name, (_, image) in images.items()
     }
     return probs, predictor.postprocess, f"predictions of {checkpoint.name}"

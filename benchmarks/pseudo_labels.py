@@ -26,7 +26,7 @@ from cdcl.config import load_config
 from cdcl.data import load_dataset, read_image
 from cdcl.data.splits import read_split_file
 from cdcl.inference.predictor import load_predictor
-from cdcl.inference.window import sliding_window_probability
+from cdcl.inference.window import foreground_of, sliding_window_probability
 from cdcl.io import write_json_atomic, write_text_atomic
 
 from provenance import git_commit
@@ -48,7 +48,7 @@ def teacher_stats(run: Path, thresholds: tuple[float, ...]) -> dict:
     pixels = 0
     for path, group in tqdm(by_image.items(), desc=run.name, unit="image"):
         image = read_image(path)  # the whole image once: its tiles share the sliding-window context
-        prob = sliding_window_probability(predictor.model, image, **predictor.window_options())
+        prob = foreground_of(sliding_window_probability(predictor.model, image, **predictor.window_options()))
         truth = group[0].mask.read(image.shape[:2]) > 0
         for tile in group:
             y0, y1, x0, x1 = tile.window

@@ -53,7 +53,7 @@ TUNING = {
 }
 
 
-OLD_MODEL = ["model.output_stride=4", "model.instances=binary"]
+OLD_MODEL = ["model.output_stride=4", "model.instances=binary", "train.select_by=dice"]
 """The paper's model (two classes at 1/4 resolution): rows trained with it carry the suffix ``-old``; a plain
 method name always means the current default model."""
 REPRESENTATION_VARIANTS = {

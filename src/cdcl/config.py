@@ -139,7 +139,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"batch_size": 8, "unlabeled_batch_size": 8},
         "infer": {"window": 256, "batch_size": 4},
     },
-    # As published: ImageNet DenseNet-161, 320 crops, 256-channel features, 128-d embeddings (GPU).
+    # The published sizes: ImageNet DenseNet-161, 320 crops, 256-channel features, 128-d embeddings (GPU). The head
+    # is the instance model; the paper's own head is model.output_stride=4 with model.instances=binary.
     "paper": {
         "model": {
             "encoder": "densenet161",
@@ -311,6 +312,7 @@ def validate(config: Config) -> None:
             f"model.instances must be one of {', '.join(REPRESENTATIONS)}, got '{config.model.instances}'",
         ),
         (m.w_distance >= 0 and m.boundary_weight > 0, "method.w_distance must be >= 0 and method.boundary_weight > 0"),
+        (config.model.fine_channels >= 1, "model.fine_channels must be >= 1"),
         (config.data.format in FORMATS, f"data.format '{config.data.format}' is not {spoken(FORMATS)}"),
         (0.0 <= m.threshold < 1.0, "method.threshold must be in [0, 1)"),
         (0.0 <= m.bdp <= m.fdp <= 1.0, "method.bdp <= method.fdp must hold, both in [0, 1]"),

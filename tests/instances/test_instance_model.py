@@ -324,3 +324,42 @@ def test_old_run_folder_cannot_resume_with_the_new_head(tmp_path):
     trainer.dist = type("D", (), {"main": True})()
     with pytest.raises(CdclError, match="different model configuration"):
         trainer.resume()
+
+
+def test_a_nucleus_filling_the_whole_view_has_finite_targets():
+    targets = make_targets(np.ones((32, 32), np.int32), "distance")
+    assert np.all(targets["distance"] == 1.0)
+    assert make_targets(np.ones((32, 32), np.int32), "three_class")["target"].min() == 1  # all interior
+
+
+def test_old_run_folder_passes_the_model_check_with_the_paper_head(tmp_path):
+    """A last.pt from before the instance model (no output_stride/instances stored) is the paper's model: a
+    config naming that head gets past the model check (this test file then lacks optimizer state to resume)."""
+    import shutil
+
+    from cdcl.training.engine import Trainer
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(old_checkpoint(tmp_path), run / "last.pt")
+    sets = [s for s in TINY if not s.startswith("model.fine_channels")]
+    config = load_config(None, [*sets, "model.output_stride=4", "model.instances=binary"])
+    trainer = Trainer.__new__(Trainer)
+    trainer.config, trainer.out = config, run
+    trainer.dist = type("D", (), {"main": True})()
+    trainer.student, trainer.teacher = build_model(config.model), build_model(config.model)
+    trainer.optimizer = torch.optim.AdamW(trainer.student.parameters())
+    trainer.method = build_method(config.method, "binary")
+    with pytest.raises(CdclError, match="cannot resume: checkpoint does not match this run"):
+        trainer.resume()
+
+
+def test_a_checkpoint_with_unknown_model_settings_is_a_one_line_error(tmp_path):
+    path = old_checkpoint(tmp_path)
+    payload = load_checkpoint(path)
+    payload["config"]["model"].update(output_stride=3)
+    save_checkpoint(path, {k: v for k, v in payload.items() if k != "format"})
+    with pytest.raises(CdclError, match="checkpoint model settings are invalid.*output_stride"):
+        load_predictor(path, device="cpu")
+    with pytest.raises(CdclError, match="model.fine_channels must be >= 1"):
+        load_config(None, ["model.fine_channels=0"])

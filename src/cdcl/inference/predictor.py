@@ -51,7 +51,10 @@ def model_from_checkpoint(payload: dict[str, Any], path: str | Path, weights: st
     """Rebuild the architecture from the stored config and load the chosen weights strictly."""
     config = config_from_dict(payload["config"])
     config.model.pretrained = False  # the checkpoint holds the weights; never touch the network
-    model = build_model(config.model)
+    try:
+        model = build_model(config.model)
+    except ValueError as exc:  # a model setting outside its vocabulary (output stride, representation)
+        raise CdclError(f"checkpoint model settings are invalid ({squashed(exc, 200)})", path) from None
     key = weights or payload.get("predict_with", "student")
     try:
         state = payload["weights"][key]

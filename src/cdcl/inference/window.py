@@ -22,7 +22,9 @@ from cdcl.runtime import amp_dtype
 from cdcl.windows import window_starts
 
 MULTIPLE = 32  # the encoder's total stride: network inputs must be multiples of it
-STITCH_ON_DEVICE_PIXELS = 4096 * 4096  # larger (padded) images are blended in CPU memory: ~130 MB of device memory
+# Larger (padded) images are blended in CPU memory: ~130 MB of device memory per prediction map (a learned
+# instance representation has two).
+STITCH_ON_DEVICE_PIXELS = 4096 * 4096
 CUDA_WINDOWS_PER_BATCH = 16  # fewest windows per forward pass on CUDA when none are asked for (windows_per_batch)
 
 

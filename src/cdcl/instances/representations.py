@@ -40,7 +40,7 @@ def check_representation(name: str) -> str:
 
 # ---- targets (numpy, per training view) --------------------------------------------------------------------
 def boundary_ring(instances: np.ndarray, width: int = BOUNDARY_WIDTH) -> np.ndarray:
-    """Pixels of an instance closer than ``width`` px to a pixel of another label (background or another
+    """Pixels of an instance at most ``width`` px from a pixel of another label (background or another
     nucleus); the image border is not a boundary (a nucleus cut by a crop keeps its interior there)."""
     inside = edt.edt(np.ascontiguousarray(instances, dtype=np.uint32), black_border=False, parallel=1)
     return (instances > 0) & (inside <= width)
@@ -52,9 +52,13 @@ def normalised_distance(instances: np.ndarray) -> np.ndarray:
     inside = edt.edt(labels, black_border=False, parallel=1).astype(np.float32)
     if not labels.any():
         return inside
+    unbounded = ~np.isfinite(inside)  # a nucleus filling the whole view has no boundary in it: edt answers inf
+    inside[unbounded] = 0
     peak = ndi.maximum(inside, labels, index=np.arange(labels.max() + 1)).astype(np.float32)
     peak[0] = 1.0
-    return inside / np.maximum(peak[labels], np.float32(1e-6))
+    distance = inside / np.maximum(peak[labels], np.float32(1e-6))
+    distance[unbounded] = 1.0
+    return distance
 
 
 def make_targets(instances: np.ndarray, representation: str) -> dict[str, np.ndarray]:

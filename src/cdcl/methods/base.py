@@ -52,9 +52,16 @@ class Method:
         cons, confident = confident_cross_entropy(self.consistency_logits(student_logits), t_probs, self.cfg.threshold)
         terms = {"cons": cons, "stat/confident": confident}
         if self.representation == "distance" and self.cfg.instance_consistency:
-            mask = foreground_logits(class_logits(teacher_logits.float(), "distance")).softmax(dim=1).amax(dim=1)
-            terms["cons_dist"] = distance_consistency(student_logits, teacher_logits, mask > self.cfg.threshold)
+            terms["cons_dist"] = distance_consistency(
+                student_logits, teacher_logits, self.teacher_confident(teacher_logits)
+            )
         return terms
+
+    def teacher_confident(self, teacher_logits: Tensor) -> Tensor:
+        """Pixels whose nucleus-vs-background call the teacher makes with confidence above ``threshold``: the
+        distance map is compared there (confident background included: its target distance is 0)."""
+        probs = foreground_logits(class_logits(teacher_logits.float(), self.representation)).softmax(dim=1)
+        return probs.amax(dim=1) > self.cfg.threshold
 
     def losses(
         self,

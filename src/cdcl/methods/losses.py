@@ -94,11 +94,12 @@ def patch_foreground_ratio(labels: Tensor, grid: int) -> Tensor:
 
     The map is cut into ``grid x grid`` patches. When H or W is not divisible by ``grid`` the patches are as
     even as possible (row r goes to patch row ``floor(r * grid / H)``, sizes differ by at most one pixel), so no
-    crop size is rejected. Any label other than 1 counts as not foreground. Returns float32 (B,H,W).
+    crop size is rejected. Labels 1 and above count as foreground (a nucleus boundary given its own label 2 is
+    still nucleus); 0 and negative labels do not. Returns float32 (B,H,W).
     """
     if grid < 1:
         raise ValueError(f"patch grid must be >= 1, got {grid}")
-    foreground, row_part, col_part = _patch_sums((labels == 1).long(), grid)
+    foreground, row_part, col_part = _patch_sums((labels >= 1).long(), grid)
     sizes, _, _ = _patch_sums(torch.ones_like(labels[:1], dtype=torch.long), grid)
     ratio = foreground.float() / sizes.clamp_min(1).float()
     return ratio[:, row_part][:, :, col_part]

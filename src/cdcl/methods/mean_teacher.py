@@ -25,7 +25,7 @@ class MeanTeacher(Method):
         cons = torch.mean((self.consistency_logits(unl["logits"]).softmax(dim=1) - target) ** 2)
         terms = {"sup": sup, "cons": cons}
         if self.representation == "distance" and self.cfg.instance_consistency:
-            terms["cons_dist"] = distance_consistency(unl["logits"], t_logits, None)
+            terms["cons_dist"] = distance_consistency(unl["logits"], t_logits, self.teacher_confident(t_logits))
             cons = cons + terms["cons_dist"]
         weight = self.cfg.w_cons * self.ramp(step)
         return {"total": sup + weight * cons, **terms}

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from cdcl import __version__
 from cdcl.checkpoint import lean_payload, load_checkpoint, save_checkpoint
-from cdcl.config import Config, dump_config
+from cdcl.config import Config, config_from_dict, dump_config
 from cdcl.data import load_dataset, require_masks
 from cdcl.data.loaders import LabeledSet, UnlabeledSet, stream_loader
 from cdcl.data.splits import read_split_file
@@ -271,7 +271,10 @@ class Trainer:
         if not path.exists():
             return
         payload = load_checkpoint(path)
-        stored = payload.get("config", {}).get("model")
+        try:  # through config_from_dict, so a file from before a model key existed compares with its old value
+            stored = config_from_dict(payload["config"]).to_dict()["model"]
+        except (KeyError, CdclError):
+            stored = None
         if stored != self.config.to_dict()["model"]:
             raise CdclError(
                 "run folder holds a checkpoint of a different model configuration; use a new --out "
@@ -288,8 +291,11 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CdclError(f"cannot resume: checkpoint does not match this run ({squashed(exc, 160)})", path) from None
         self.step, self.skipped = payload["step"], payload.get("skipped", 0)
-        self.best = payload["best"].get(self.config.train.select_by, -1.0)
-        self.best_step = payload["best"]["step"]
+        by = self.config.train.select_by
+        self.best, self.best_step = (
+            payload["best"].get(by, -1.0),
+            payload["best"]["step"] if by in payload["best"] else -1,
+        )
         self.postprocess, self.complete = payload.get("postprocess"), payload.get("complete", False)
         log.info("resuming %s at iteration %d", self.out, self.step)
 
