@@ -2,13 +2,20 @@
 
 Unknown keys and wrong types are errors naming the key, so a typo never silently trains the wrong thing.
 The resolved config is dumped into every run folder and stored in every checkpoint.
+
+Each section checks its own fields when it is built (``__post_init__``, raising a one-line :class:`CdclError`), so a
+section constructed in code is held to the same rules as one read from YAML; :func:`validate` keeps the one check
+that spans sections. A choice from a closed vocabulary is annotated with its ``Literal``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,19 +24,67 @@ import yaml
 
 from cdcl.data.views import AugmentConfig
 from cdcl.errors import CdclError
-from cdcl.instances.representations import OUTPUT_STRIDES, REPRESENTATIONS
-from cdcl.vocab import FORMATS, METHODS, OPTIMIZERS, SCHEDULES, spoken
+from cdcl.instances.representations import OUTPUT_STRIDES, REPRESENTATIONS, OutputStride, Representation
+from cdcl.vocab import (
+    ANCHOR_SOURCES,
+    EVAL_MODELS,
+    FORMATS,
+    METHODS,
+    NONFINITE_ACTIONS,
+    OPTIMIZERS,
+    SCHEDULES,
+    SELECT_BY,
+    AnchorSource,
+    DatasetFormat,
+    EvalModel,
+    MethodName,
+    NonfiniteAction,
+    OptimizerName,
+    ScheduleName,
+    SelectBy,
+    spoken,
+)
+
+_STORED: contextvars.ContextVar[bool] = contextvars.ContextVar("cdcl_config_stored", default=False)
+
+
+@contextlib.contextmanager
+def _stored() -> Iterator[None]:
+    """Within: sections skip their own checks (a config stored in a checkpoint is rebuilt as it was written)."""
+    token = _STORED.set(True)
+    try:
+        yield
+    finally:
+        _STORED.reset(token)
+
+
+def _require(checks: list[tuple[bool, str]]) -> None:
+    """Raise the message of the first failed ``(condition, message)`` check (a section's ``__post_init__``)."""
+    if _STORED.get():
+        return
+    for ok, message in checks:
+        if not ok:
+            raise CdclError(message)
 
 
 @dataclass
 class DataConfig:
     root: str = ""  # dataset folder; relative paths are taken from the current directory
-    format: str = "folder"  # cdcl.vocab.FORMATS: folder | monuseg | dsb2018
+    format: DatasetFormat = "folder"  # cdcl.vocab.FORMATS: folder | monuseg | dsb2018
     split_dir: str = ""  # folder with labeled.txt, unlabeled.txt, val.txt (written by `cdcl split`)
     mpp: float | None = None  # microns per pixel of the training images, stored for slide inference
     batch_size: int = 8  # labeled images per step
     unlabeled_batch_size: int = 8  # unlabeled images per step (semi-supervised methods)
     num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        _require(
+            [
+                (self.num_workers >= 0, "data.num_workers must be >= 0"),
+                (self.format in FORMATS, f"data.format '{self.format}' is not {spoken(FORMATS)}"),
+                (self.batch_size >= 1 and self.unlabeled_batch_size >= 1, "data batch sizes must be >= 1"),
+            ]
+        )
 
 
 @dataclass
@@ -42,14 +97,31 @@ class ModelConfig:
     embed_dim: int = 128  # projector output (dense embedding) width
     dropout: float = 0.3  # classifier dropout, training mode only
     pool_projector: bool = False  # average-pool features 2x before the projector (labels pooled alike)
-    output_stride: int = 1  # classifier resolution: 1 (input), 2, or 4 (the paper's model, upsampled bilinearly)
+    output_stride: OutputStride = 1  # classifier resolution: 1 (input), 2 or 4 (paper's model, upsampled bilinearly)
     fine_channels: int = 32  # decoder width at stride 2 (output_stride < 4)
-    instances: str = "three_class"  # instance representation: binary | three_class | distance
+    instances: Representation = "three_class"  # instance representation: binary | three_class | distance
+
+    def __post_init__(self) -> None:
+        _require(
+            [
+                (0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)"),
+                (
+                    self.output_stride in OUTPUT_STRIDES,
+                    f"model.output_stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got "
+                    f"{self.output_stride}",
+                ),
+                (
+                    self.instances in REPRESENTATIONS,
+                    f"model.instances must be one of {', '.join(REPRESENTATIONS)}, got '{self.instances}'",
+                ),
+                (self.fine_channels >= 1, "model.fine_channels must be >= 1"),
+            ]
+        )
 
 
 @dataclass
 class MethodConfig:
-    name: str = "supervised"  # cdcl.vocab.METHODS: supervised | mean_teacher | fixmatch | cdcl
+    name: MethodName = "supervised"  # cdcl.vocab.METHODS: supervised | mean_teacher | fixmatch | cdcl
     ema_decay: float = 0.99  # teacher = EMA of the student, alpha_t = min(1 - 1/(t+1), ema_decay)
     warmup_iters: int = 200  # supervised-only iterations before unlabeled terms start (paper: epoch_semi)
     ramp_iters: int = 400  # sigmoid ramp-up length of the consistency weight, counted after warm-up
@@ -67,7 +139,7 @@ class MethodConfig:
     bank_capacity: int = 4  # earlier iterations kept in the memory bank, besides the current one
     num_anchors: int = 1024  # anchors sampled per step (<= 0: every anchor pixel, exact mode)
     num_bank_samples: int = 2048  # student and teacher entries each pushed per step (<= 0: all)
-    anchor_source: str = "student"  # labels/ratios of anchors from the "student" (release) or "teacher"
+    anchor_source: AnchorSource = "student"  # labels/ratios of anchors from the "student" (release) or "teacher"
     use_consistency: bool = True
     use_entropy: bool = True
     w_distance: float = 1.0  # supervised distance-map regression weight (model.instances=distance)
@@ -75,16 +147,57 @@ class MethodConfig:
     instance_consistency: bool = True  # consistency on the instance channels too (boundary class, distance map)
     contrast_boundary: bool = False  # cdcl: boundary pixels are their own contrastive label (three_class)
 
+    def __post_init__(self) -> None:
+        _require(
+            [
+                (
+                    min(self.w_cons, self.w_ent, self.w_contr) >= 0,
+                    "method.w_cons, method.w_ent and method.w_contr must be >= 0",
+                ),
+                (
+                    self.warmup_iters >= 0 and self.bank_capacity >= 0,
+                    "method.warmup_iters and method.bank_capacity must be >= 0",
+                ),
+                (self.name in METHODS, f"method.name must be one of {', '.join(METHODS)}, got '{self.name}'"),
+                (
+                    self.w_distance >= 0 and self.boundary_weight > 0,
+                    "method.w_distance must be >= 0 and method.boundary_weight > 0",
+                ),
+                (0.0 <= self.threshold < 1.0, "method.threshold must be in [0, 1)"),
+                (0.0 <= self.bdp <= self.fdp <= 1.0, "method.bdp <= method.fdp must hold, both in [0, 1]"),
+                (0.0 <= self.ema_decay < 1.0, "method.ema_decay must be in [0, 1)"),
+                (self.temperature > 0, "method.temperature must be > 0"),
+                (self.grid >= 1, "method.grid must be >= 1"),
+                (
+                    self.anchor_source in ANCHOR_SOURCES,
+                    f"method.anchor_source must be {spoken(ANCHOR_SOURCES, quote=chr(39))}",
+                ),
+            ]
+        )
+
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # cdcl.vocab.OPTIMIZERS: adamw | sgd
+    name: OptimizerName = "adamw"  # cdcl.vocab.OPTIMIZERS: adamw | sgd
     lr: float = 1e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9  # sgd only
-    schedule: str = "poly"  # cdcl.vocab.SCHEDULES: poly | cosine | constant
+    schedule: ScheduleName = "poly"  # cdcl.vocab.SCHEDULES: poly | cosine | constant
     warmup_iters: int = 0  # linear LR warm-up
     grad_clip: float = 5.0  # max gradient norm; <= 0 disables
+
+    def __post_init__(self) -> None:
+        _require(
+            [
+                (
+                    self.name != "sgd" or self.momentum > 0,
+                    "optim.momentum must be > 0 with optim.name=sgd (Nesterov momentum)",
+                ),
+                (self.name in OPTIMIZERS, f"optim.name must be {spoken(OPTIMIZERS, quote=chr(39))}"),
+                (self.schedule in SCHEDULES, f"optim.schedule must be {spoken(SCHEDULES)}"),
+                (self.lr > 0, "optim.lr must be > 0"),
+            ]
+        )
 
 
 @dataclass
@@ -96,11 +209,25 @@ class TrainConfig:
     deterministic: bool = False  # deterministic algorithms (CPU runs reproduce bit-for-bit)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # mixed precision where the device supports it (CUDA)
-    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss does
+    on_nonfinite: NonfiniteAction = "stop"  # stop | skip: what a NaN/inf loss does
     max_skipped: int = 20  # with on_nonfinite=skip, stop after this many skipped steps
-    eval_model: str = "ema"  # ema | student: the weights validated and saved as best.pt
+    eval_model: EvalModel = "ema"  # ema | student: the weights validated and saved as best.pt
     tune_postprocess: bool = True  # tune instance thresholds on the val split after training
-    select_by: str = "aji"  # aji | dice: the validation score that picks best.pt (AJI at default post-processing)
+    select_by: SelectBy = "aji"  # aji | dice: the validation score that picks best.pt (AJI at default post-processing)
+
+    def __post_init__(self) -> None:
+        _require(
+            [
+                (self.iterations >= 1, "train.iterations must be >= 1"),
+                (self.val_every >= 1 and self.log_every >= 1, "train.val_every and train.log_every must be >= 1"),
+                (
+                    self.on_nonfinite in NONFINITE_ACTIONS,
+                    f"train.on_nonfinite must be {spoken(NONFINITE_ACTIONS, quote=chr(39))}",
+                ),
+                (self.eval_model in EVAL_MODELS, f"train.eval_model must be {spoken(EVAL_MODELS, quote=chr(39))}"),
+                (self.select_by in SELECT_BY, f"train.select_by must be {spoken(SELECT_BY, quote=chr(39))}"),
+            ]
+        )
 
 
 @dataclass
@@ -108,6 +235,14 @@ class InferConfig:
     window: int = 256  # sliding-window side (multiple of 32)
     overlap: float = 0.25
     batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        _require(
+            [
+                (self.window % 32 == 0 and self.window > 0, "infer.window must be a positive multiple of 32"),
+                (0.0 <= self.overlap < 1.0, "infer.overlap must be in [0, 1)"),
+            ]
+        )
 
 
 @dataclass
@@ -185,6 +320,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif origin is typing.Literal:
+        # Only the type here (a Literal of strings takes any string): whether the value is one of the choices is the
+        # section's own check (__post_init__), whose message lists them; a stored config is rebuilt without it.
+        kinds = {type(arg) for arg in typing.get_args(tp)}
+        if len(kinds) != 1:
+            raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+        return _coerce(value, kinds.pop(), key)
     elif origin is tuple:
         args = typing.get_args(tp)
         if isinstance(value, (list, tuple)) and len(value) == len(args):
@@ -285,57 +427,23 @@ LEGACY_MODEL = {"output_stride": 4, "instances": "binary"}
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
-    """Rebuild a resolved config (e.g. stored in a checkpoint) without re-applying a preset."""
+    """Rebuild a resolved config (e.g. stored in a checkpoint) without re-applying a preset.
+
+    Keys and types are checked as always; the sections' value checks are not, so a file written under older rules
+    still loads (the model builder refuses a setting it cannot build)."""
     model = values.get("model")
     if isinstance(model, dict) and "output_stride" not in model:
         values = {**values, "model": {**LEGACY_MODEL, **model}}
-    return _build(Config, values, "")
+    with _stored():
+        return _build(Config, values, "")
 
 
 def validate(config: Config) -> None:
-    """Cross-field checks that a type annotation cannot express."""
-    m, o, t = config.method, config.optim, config.train
-    checks = [
-        (0.0 <= config.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
-        (config.data.num_workers >= 0, "data.num_workers must be >= 0"),
-        (min(m.w_cons, m.w_ent, m.w_contr) >= 0, "method.w_cons, method.w_ent and method.w_contr must be >= 0"),
-        (m.warmup_iters >= 0 and m.bank_capacity >= 0, "method.warmup_iters and method.bank_capacity must be >= 0"),
-        (o.name != "sgd" or o.momentum > 0, "optim.momentum must be > 0 with optim.name=sgd (Nesterov momentum)"),
-        (m.name in METHODS, f"method.name must be one of {', '.join(METHODS)}, got '{m.name}'"),
-        (
-            config.model.output_stride in OUTPUT_STRIDES,
-            f"model.output_stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, got "
-            f"{config.model.output_stride}",
-        ),
-        (
-            config.model.instances in REPRESENTATIONS,
-            f"model.instances must be one of {', '.join(REPRESENTATIONS)}, got '{config.model.instances}'",
-        ),
-        (m.w_distance >= 0 and m.boundary_weight > 0, "method.w_distance must be >= 0 and method.boundary_weight > 0"),
-        (config.model.fine_channels >= 1, "model.fine_channels must be >= 1"),
-        (config.data.format in FORMATS, f"data.format '{config.data.format}' is not {spoken(FORMATS)}"),
-        (0.0 <= m.threshold < 1.0, "method.threshold must be in [0, 1)"),
-        (0.0 <= m.bdp <= m.fdp <= 1.0, "method.bdp <= method.fdp must hold, both in [0, 1]"),
-        (0.0 <= m.ema_decay < 1.0, "method.ema_decay must be in [0, 1)"),
-        (m.temperature > 0, "method.temperature must be > 0"),
-        (m.grid >= 1, "method.grid must be >= 1"),
-        (m.anchor_source in ("student", "teacher"), "method.anchor_source must be 'student' or 'teacher'"),
-        (o.name in OPTIMIZERS, f"optim.name must be {spoken(OPTIMIZERS, quote=chr(39))}"),
-        (o.schedule in SCHEDULES, f"optim.schedule must be {spoken(SCHEDULES)}"),
-        (o.lr > 0, "optim.lr must be > 0"),
-        (t.iterations >= 1, "train.iterations must be >= 1"),
-        (t.val_every >= 1 and t.log_every >= 1, "train.val_every and train.log_every must be >= 1"),
-        (t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be 'stop' or 'skip'"),
-        (t.eval_model in ("ema", "student"), "train.eval_model must be 'ema' or 'student'"),
-        (t.select_by in ("aji", "dice"), "train.select_by must be 'aji' or 'dice'"),
-        (config.infer.window % 32 == 0 and config.infer.window > 0, "infer.window must be a positive multiple of 32"),
-        (config.augment.crop_size % 32 == 0, "augment.crop_size must be a multiple of 32"),
-        (0.0 <= config.infer.overlap < 1.0, "infer.overlap must be in [0, 1)"),
-        (config.data.batch_size >= 1 and config.data.unlabeled_batch_size >= 1, "data batch sizes must be >= 1"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise CdclError(message)
+    """The checks that span sections; each section checks its own fields when built (``__post_init__``).
+
+    ``augment.crop_size`` is here, not in :class:`AugmentConfig`: views of any size are fine, but the model's
+    encoder downsamples by 32."""
+    _require([(config.augment.crop_size % 32 == 0, "augment.crop_size must be a multiple of 32")])
 
 
 def dump_config(config: Config) -> str:

@@ -21,6 +21,18 @@ OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 ScheduleName = Literal["poly", "cosine", "constant"]
 SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
 
+AnchorSource = Literal["student", "teacher"]  # method.anchor_source: whose labels and ratios the anchors take
+ANCHOR_SOURCES: tuple[str, ...] = get_args(AnchorSource)
+
+NonfiniteAction = Literal["stop", "skip"]  # train.on_nonfinite: what a NaN/inf loss does
+NONFINITE_ACTIONS: tuple[str, ...] = get_args(NonfiniteAction)
+
+EvalModel = Literal["ema", "student"]  # train.eval_model: the weights validated and saved as best.pt
+EVAL_MODELS: tuple[str, ...] = get_args(EvalModel)
+
+SelectBy = Literal["aji", "dice"]  # train.select_by: the validation score that picks best.pt
+SELECT_BY: tuple[str, ...] = get_args(SelectBy)
+
 
 def spoken(names: tuple[str, ...], quote: str = "") -> str:
     """``names`` as a message lists them: ``a, b or c`` (each between ``quote``)."""

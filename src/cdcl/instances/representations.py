@@ -28,7 +28,8 @@ from torch import Tensor
 Representation = Literal["binary", "three_class", "distance"]
 REPRESENTATIONS: tuple[str, ...] = get_args(Representation)
 OUTPUT_CHANNELS = {"binary": 2, "three_class": 3, "distance": 3}
-OUTPUT_STRIDES = (1, 2, 4)  # where the classifier works (model.output_stride): 4 is the paper's model
+OutputStride = Literal[1, 2, 4]  # where the classifier works (model.output_stride): 4 is the paper's model
+OUTPUT_STRIDES: tuple[int, ...] = get_args(OutputStride)
 BOUNDARY_WIDTH = 2  # pixels of each instance's inner ring labelled boundary (three_class)
 
 

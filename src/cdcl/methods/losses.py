@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from cdcl.vocab import ANCHOR_SOURCES, spoken
+
 FC_TOLERANCE = 1e-6
 """Slack in every foreground-ratio comparison: ratios are float32 and thresholds Python floats, so a sum exactly
 at the limit can round to either side (with bdp 0.3 and fdp 0.6, ``0.3 + 0.6 <= 0.9`` fails without it)."""
@@ -330,8 +332,8 @@ def cross_patch_contrastive(
     Returns the mean over anchors (0, attached to the graph, when there is none) and tensor stats:
     ``n_anchors``, ``n_negatives`` (mean per anchor), ``bank_size``.
     """
-    if anchor_source not in ("student", "teacher"):
-        raise ValueError(f"anchor_source must be 'student' or 'teacher', got {anchor_source!r}")
+    if anchor_source not in ANCHOR_SOURCES:
+        raise ValueError(f"anchor_source must be {spoken(ANCHOR_SOURCES, quote=chr(39))}, got {anchor_source!r}")
     teacher_emb = teacher_emb.detach()
     student_fc = patch_foreground_ratio(student_labels, grid).reshape(-1)
     teacher_fc = patch_foreground_ratio(teacher_labels, grid).reshape(-1)
