@@ -3,6 +3,7 @@ new loss terms, lean checkpoints and old checkpoints."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -309,19 +310,22 @@ def test_lean_checkpoint_and_export(tmp_path):
     assert again.returncode == 2 and "overwrite" in again.stderr
 
 
-def test_old_run_folder_cannot_resume_with_the_new_head(tmp_path):
-    """Resuming a run of the old model with the new default is a one-line error naming last.pt."""
-    import shutil
-
+def trainer_on_old_run(tmp_path, config):
+    """A Trainer (only what ``resume`` reads) on a run folder whose last.pt predates the instance model."""
     from cdcl.training.engine import Trainer
 
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(old_checkpoint(tmp_path), run / "last.pt")
-    config = load_config(None, [*TINY])
     trainer = Trainer.__new__(Trainer)
     trainer.config, trainer.out = config, run
     trainer.dist = type("D", (), {"main": True})()
+    return trainer
+
+
+def test_old_run_folder_cannot_resume_with_the_new_head(tmp_path):
+    """Resuming a run of the old model with the new default is a one-line error naming last.pt."""
+    trainer = trainer_on_old_run(tmp_path, load_config(None, [*TINY]))
     with pytest.raises(CdclError, match="different model configuration"):
         trainer.resume()
 
@@ -335,18 +339,9 @@ def test_a_nucleus_filling_the_whole_view_has_finite_targets():
 def test_old_run_folder_passes_the_model_check_with_the_paper_head(tmp_path):
     """A last.pt from before the instance model (no output_stride/instances stored) is the paper's model: a
     config naming that head gets past the model check (this test file then lacks optimizer state to resume)."""
-    import shutil
-
-    from cdcl.training.engine import Trainer
-
-    run = tmp_path / "run"
-    run.mkdir()
-    shutil.copy(old_checkpoint(tmp_path), run / "last.pt")
     sets = [s for s in TINY if not s.startswith("model.fine_channels")]
     config = load_config(None, [*sets, "model.output_stride=4", "model.instances=binary"])
-    trainer = Trainer.__new__(Trainer)
-    trainer.config, trainer.out = config, run
-    trainer.dist = type("D", (), {"main": True})()
+    trainer = trainer_on_old_run(tmp_path, config)
     trainer.student, trainer.teacher = build_model(config.model), build_model(config.model)
     trainer.optimizer = torch.optim.AdamW(trainer.student.parameters())
     trainer.method = build_method(config.method, "binary")

@@ -95,3 +95,17 @@ def test_blocks_are_named_for_their_process():
         handoff.submit(prob, image, PostprocessParams(), core, box, 1.0).result()
         assert handoff._blocks[0].name.startswith(f"{PREFIX}{os.getpid()}-")
         assert os.path.exists(f"/dev/shm/{handoff._blocks[0].name}")
+
+
+def test_two_channel_maps_of_a_learned_representation_travel_intact():
+    """A three-class or distance head hands over (foreground, marker strength): both maps reach the worker."""
+    params = PostprocessParams()
+    two = [(np.stack([prob, prob]), image, core, box) for prob, image, core, box in tiles()]
+    expected = [tile_nuclei_json(maps, image, params, core, box, 1.0) for maps, image, core, box in two]
+    assert all(json.loads(e) for e in expected)
+    with (
+        ProcessPoolExecutor(1, mp_context=get_context("forkserver")) as pool,
+        SharedTileHandoff(pool, tile_bytes(320, channels=2)) as handoff,
+    ):
+        got = [handoff.submit(maps, image, params, core, box, 1.0).result() for maps, image, core, box in two]
+    assert got == expected

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cdcl.instances.representations import prediction_maps
+from cdcl.instances.representations import MAP_CHANNELS, prediction_maps, representation_of
 from cdcl.runtime import amp_dtype
 from cdcl.windows import window_starts
 
@@ -154,8 +154,8 @@ def start_probability(
         torch.from_numpy(padded if padded.flags.writeable else padded.copy()), stitch
     )  # torch wants writable
     weight, weight_stitch = _weight_on(device, win_h, win_w), _weight_on(stitch, win_h, win_w)
-    representation = getattr(model, "representation", "binary")
-    channels = () if representation == "binary" else (2,)
+    representation = representation_of(model)
+    channels = () if representation == "binary" else (MAP_CHANNELS[representation],)
     acc = torch.zeros((*channels, *padded.shape[:2]), dtype=torch.float32, device=stitch)
     norm = torch.zeros(padded.shape[:2], dtype=torch.float32, device=stitch)
     with torch.inference_mode(), autocast(device, amp):

@@ -28,9 +28,15 @@ from torch import Tensor
 Representation = Literal["binary", "three_class", "distance"]
 REPRESENTATIONS: tuple[str, ...] = get_args(Representation)
 OUTPUT_CHANNELS = {"binary": 2, "three_class": 3, "distance": 3}
+MAP_CHANNELS = {"binary": 1, "three_class": 2, "distance": 2}  # prediction maps post-processing reads
 OutputStride = Literal[1, 2, 4]  # where the classifier works (model.output_stride): 4 is the paper's model
 OUTPUT_STRIDES: tuple[int, ...] = get_args(OutputStride)
 BOUNDARY_WIDTH = 2  # pixels of each instance's inner ring labelled boundary (three_class)
+
+
+def representation_of(model: torch.nn.Module) -> str:
+    """The instance representation a model predicts; a model without one (a stand-in) is binary."""
+    return getattr(model, "representation", "binary")
 
 
 def check_representation(name: str) -> str:

@@ -49,6 +49,7 @@ from cdcl.errors import CdclError, from_workers
 from cdcl.inference.predictor import Predictor
 from cdcl.inference.window import PendingProbability, start_probability
 from cdcl.instances.export import NUCLEUS_COLOR, csv_stream, geojson_stream, nucleus_feature
+from cdcl.instances.representations import MAP_CHANNELS, representation_of
 from cdcl.io import ensure_writable_dir, remove_leftover_temporaries, save_png, write_json_atomic
 from cdcl.wsi.grid import Grid, tissue_tiles
 from cdcl.wsi.handoff import SHM_FOLDER, SharedTileHandoff, remove_orphaned_blocks, shared_memory_fits, tile_bytes
@@ -162,7 +163,7 @@ def _predict_tiles(
         collate_fn=_unchanged,
         worker_init_fn=yield_to_prediction,
     )
-    channels = 1 if getattr(predictor.model, "representation", "binary") == "binary" else 2
+    channels = MAP_CHANNELS[representation_of(predictor.model)]
     submit, handoff = _tile_submitter(pool, workers, grid, channels)
     pending: deque[tuple[int, Future]] = deque()
 
