@@ -34,6 +34,7 @@ from cdcl.vocab import (
     OPTIMIZERS,
     SCHEDULES,
     SELECT_BY,
+    STAIN_NORMS,
     AnchorSource,
     DatasetFormat,
     EvalModel,
@@ -42,6 +43,7 @@ from cdcl.vocab import (
     OptimizerName,
     ScheduleName,
     SelectBy,
+    StainNorm,
     spoken,
 )
 
@@ -76,11 +78,16 @@ class DataConfig:
     batch_size: int = 8  # labeled images per step
     unlabeled_batch_size: int = 8  # unlabeled images per step (semi-supervised methods)
     num_workers: int = 2
+    stain_norm: StainNorm = "none"  # cdcl.vocab.STAIN_NORMS: recolour every image to the labeled images' stain
 
     def __post_init__(self) -> None:
         _require(
             [
                 (self.num_workers >= 0, "data.num_workers must be >= 0"),
+                (
+                    self.stain_norm in STAIN_NORMS,
+                    f"data.stain_norm '{self.stain_norm}' is not {spoken(STAIN_NORMS, quote=chr(39))}",
+                ),
                 (self.format in FORMATS, f"data.format '{self.format}' is not {spoken(FORMATS)}"),
                 (self.batch_size >= 1 and self.unlabeled_batch_size >= 1, "data batch sizes must be >= 1"),
             ]

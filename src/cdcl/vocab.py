@@ -33,6 +33,12 @@ EVAL_MODELS: tuple[str, ...] = get_args(EvalModel)
 SelectBy = Literal["aji", "dice"]  # train.select_by: the validation score that picks best.pt
 SELECT_BY: tuple[str, ...] = get_args(SelectBy)
 
+StainNorm = Literal["none", "macenko", "reinhard"]  # data.stain_norm: colour normalisation to the training stain
+STAIN_NORMS: tuple[str, ...] = get_args(StainNorm)
+
+StainAugment = Literal["none", "hed"]  # augment.stain: the extra stain/appearance jitter of the labeled view
+STAIN_AUGMENTS: tuple[str, ...] = get_args(StainAugment)
+
 
 def spoken(names: tuple[str, ...], quote: str = "") -> str:
     """``names`` as a message lists them: ``a, b or c`` (each between ``quote``)."""

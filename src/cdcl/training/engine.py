@@ -32,6 +32,7 @@ from cdcl.config import Config, config_from_dict, dump_config
 from cdcl.data import load_dataset, require_masks
 from cdcl.data.loaders import LabeledSet, UnlabeledSet, stream_loader
 from cdcl.data.splits import read_split_file
+from cdcl.data.stain import StainNormalizer, fit_reference
 from cdcl.errors import CdclError, squashed
 from cdcl.inference.window import foreground_of, sliding_window_probability, windows_per_batch
 from cdcl.instances.postprocess import PostprocessParams, instances_from_maps, tune_params
@@ -169,9 +170,21 @@ def update_ema(teacher: nn.Module, student: nn.Module, step: int, decay: float) 
             tb.copy_(sb)
 
 
+def stain_reference(config: Config, labeled: list) -> StainNormalizer | None:
+    """The stain normalisation of ``data.stain_norm``, its reference fitted on the labeled images (None: off)."""
+    method = config.data.stain_norm
+    if method == "none":
+        return None
+    where = Path(config.data.split_dir).expanduser().resolve() / "labeled.txt"
+    return fit_reference(method, (it.image for it in labeled), where)
+
+
 @torch.no_grad()
-def predict_probabilities(model: nn.Module, items: list, config: Config, device: torch.device) -> list[np.ndarray]:
-    """Whole-image prediction maps by sliding window (val images are never tile-cropped)."""
+def predict_probabilities(
+    model: nn.Module, items: list, config: Config, device: torch.device, stain: StainNormalizer | None = None
+) -> list[np.ndarray]:
+    """Whole-image prediction maps by sliding window (val images are never tile-cropped), stain-normalised as the
+    training images are."""
     was_training = model.training
     model.eval()
     i = config.infer
@@ -185,6 +198,7 @@ def predict_probabilities(model: nn.Module, items: list, config: Config, device:
             batch_size=batch_size,
             device=device,
             amp=config.train.amp and device.type == "cuda",
+            stain=stain,
         )
         for it in items
     ]
@@ -224,6 +238,7 @@ class Trainer:
             ensure_writable_dir(self.out)
         self.method = build_method(config.method, config.model.instances)
         self.splits = load_splits(config, self.method.uses_unlabeled)
+        self.stain = stain_reference(config, self.splits.labeled)
         self.student = build_model(config.model).to(device)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.optimizer = build_optimizer(self.student, config)
@@ -251,6 +266,7 @@ class Trainer:
             "skipped": self.skipped,
             "postprocess": self.postprocess,
             "mpp": cfg.data.mpp,
+            "stain": None if self.stain is None else self.stain.to_dict(),
         }
 
     def save(self, name: str) -> None:
@@ -330,7 +346,7 @@ class Trainer:
             "world_size": self.dist.world_size,
         }
         lab = stream_loader(
-            LabeledSet(self.splits.labeled, self.config.augment, self.config.model.instances),
+            LabeledSet(self.splits.labeled, self.config.augment, self.config.model.instances, self.stain),
             d.batch_size,
             seed=seed,
             **kw,
@@ -338,7 +354,10 @@ class Trainer:
         unl = None
         if self.method.uses_unlabeled:
             unl = stream_loader(
-                UnlabeledSet(self.splits.unlabeled, self.config.augment), d.unlabeled_batch_size, seed=seed + 1, **kw
+                UnlabeledSet(self.splits.unlabeled, self.config.augment, self.stain),
+                d.unlabeled_batch_size,
+                seed=seed + 1,
+                **kw,
             )
         return lab, unl
 
@@ -348,7 +367,7 @@ class Trainer:
         if not self.splits.val or not self.dist.main:
             return None
         model = self.teacher if self.config.train.eval_model == "ema" else self.student
-        probs = predict_probabilities(model, self.splits.val, self.config, self.device)
+        probs = predict_probabilities(model, self.splits.val, self.config, self.device, self.stain)
         scores = {"dice": pooled_dice(probs, self.splits.val)}
         if self.config.train.select_by == "aji":
             labels = [instances_from_maps(p, PostprocessParams()) for p in probs]
@@ -491,7 +510,7 @@ class Trainer:
             best = load_checkpoint(best_path)
             model = copy.deepcopy(self.teacher)
             model.load_state_dict(best["weights"][best["predict_with"]])
-            probs = predict_probabilities(model, self.splits.val, self.config, self.device)
+            probs = predict_probabilities(model, self.splits.val, self.config, self.device, self.stain)
             params, score = tune_params(probs, [it.instances for it in self.splits.val])
             self.postprocess = params.to_dict()
             self._log({"iteration": self.step, "val/aji_tuned": score})

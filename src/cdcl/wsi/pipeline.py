@@ -55,6 +55,7 @@ from cdcl.wsi.grid import Grid, tissue_tiles
 from cdcl.wsi.handoff import SHM_FOLDER, SharedTileHandoff, remove_orphaned_blocks, shared_memory_fits, tile_bytes
 from cdcl.wsi.journal import Journal, as_recorded, read_record
 from cdcl.wsi.readers import THUMB_SIDE, SlideReader, choose_level, tissue_mask
+from cdcl.wsi.stain import slide_stain
 from cdcl.wsi.worker import ready, tile_nuclei_json, yield_to_prediction
 
 log = logging.getLogger(__name__)
@@ -150,8 +151,10 @@ def _predict_tiles(
     pool: Executor,
     workers: int,
     bar: tqdm,
+    options: dict[str, Any],
 ) -> None:
-    """Read (DataLoader workers) -> predict (here) -> post-process (pool) -> journal, in tile order.
+    """Read (DataLoader workers) -> predict (here, with ``start_probability``'s ``options``) -> post-process
+    (pool) -> journal, in tile order.
 
     Each tile's prediction is queued on the device before the previous tile is handed to post-processing, so
     on an accelerator the main process receives and hands over tiles while the device computes. Tiles reach
@@ -183,7 +186,7 @@ def _predict_tiles(
         previous = None
         for item in from_workers(loader):
             item["image"] = item["image"].numpy()
-            prob = start_probability(predictor.model, item["image"], **predictor.window_options())
+            prob = start_probability(predictor.model, item["image"], **options)
             if previous is not None:
                 post_process(*previous)
             previous = (item, prob)
@@ -294,6 +297,9 @@ def predict_slide(
             key = {**settings, "level": level, "residual": residual, "tiles": [index for index, _ in tiles]}
             journal = Journal(out_dir / f"{stem}.partial", key)
             todo = [t for t in tiles if t[0] not in journal.finished]
+            options = predictor.window_options()
+            if predictor.stain is not None:
+                options["stain"] = slide_stain(predictor.stain, reader, grid, tiles)
             working_mpp = None if reader.mpp is None else reader.mpp * grid.scale
             log.info(
                 "%s: %dx%d px, level %d resized x%.3g (%s um/px), %d of %d tiles have tissue, %d already done",
@@ -308,7 +314,7 @@ def predict_slide(
             )
             predict_start = time.perf_counter()
             with tqdm(total=len(tiles), initial=len(tiles) - len(todo), desc=stem, unit="tile", disable=None) as bar:
-                _predict_tiles(predictor, reader, grid, todo, journal, pool, workers, bar)
+                _predict_tiles(predictor, reader, grid, todo, journal, pool, workers, bar, options)
             predict_seconds = time.perf_counter() - predict_start
         # the outputs are replaced now: a summary of a run with other settings must not vouch for the new ones
         (out_dir / f"{stem}_summary.json").unlink(missing_ok=True)
@@ -324,6 +330,7 @@ def predict_slide(
             "tile": tile,
             "halo": halo,
             "workers": workers,
+            "stain_norm": None if options.get("stain") is None else predictor.stain.method,
             "tiles": {
                 "grid": len(grid.cores()),
                 "tissue": len(tiles),
