@@ -393,6 +393,16 @@ def test_train_refuses_a_broken_image_read_by_a_worker_process(world, tmp_path, 
     assert_no_checkpoint(run)
 
 
+def test_train_refuses_a_stain_reference_from_blank_tiles(world, tmp_path, record):
+    data = copy_data(world, tmp_path / "data")
+    for stem in (world.split / "labeled.txt").read_text().split():
+        Image.fromarray(np.full((96, 96, 3), 255, np.uint8)).save(image_of(data, stem))
+    run = tmp_path / "run"
+    result = run_cdcl(*world.train_args(run, "data.stain_norm=macenko", data=data))
+    record("train", "data.stain_norm=macenko with blank labeled images", result, "exit 2")
+    assert_refused(result, "labeled.txt", "no stain reference", "too little tissue", out=run)
+
+
 def split_with(tmp_path: Path, world: World, labeled: str) -> Path:
     split = tmp_path / "split"
     shutil.copytree(world.split, split)
@@ -469,6 +479,18 @@ CONFIG_CASES = {
         ["model.pretrained=@TEXT"],
         None,
         ("model.pretrained", "notes.txt"),
+    ),
+    "unknown-stain-norm": (
+        "--set data.stain_norm=vahadane",
+        ["data.stain_norm=vahadane"],
+        None,
+        ("data.stain_norm 'vahadane' is not 'none', 'macenko' or 'reinhard'",),
+    ),
+    "unknown-stain-augment": (
+        "--set augment.stain=strong",
+        ["augment.stain=strong"],
+        None,
+        ("augment", "stain must be 'none' or 'hed'"),
     ),
     "pretrained-download-offline": (
         "model.pretrained=true with no network",

@@ -7,14 +7,17 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from cdcl.checkpoint import load_checkpoint
 from cdcl.cli import main
 from cdcl.config import load_config
+from cdcl.data import load_dataset
+from cdcl.data.stain import StainNormalizer
 from cdcl.errors import CdclError
-from cdcl.inference.predictor import load_predictor
+from cdcl.inference.predictor import load_predictor, predict_instances
 from cdcl.training.engine import Trainer, train
 
 from helpers.training import tiny_dataset, tiny_overrides
@@ -264,3 +267,24 @@ def test_ddp_skips_a_step_on_every_process_when_one_meets_a_nan(tiny, tmp_path):
     assert "skipping iteration 2" in proc.stderr
     payload = load_checkpoint(tmp_path / "run" / "last.pt")
     assert payload["step"] == 4 and payload["skipped"] == 1 and payload["complete"]
+
+
+def test_stain_normalisation_is_fitted_on_the_labeled_images_stored_and_applied_at_prediction(
+    tiny, tmp_path, monkeypatch
+):
+    data, split = tiny
+    seen = []
+    original = StainNormalizer.__call__
+    monkeypatch.setattr(
+        StainNormalizer, "__call__", lambda self, image: seen.append(image.shape) or original(self, image)
+    )
+    config = load_config(None, tiny_overrides(data, split, "cdcl", iterations=2, **{"data.stain_norm": "macenko"}))
+    train(config, tmp_path)
+    assert len(seen) >= 3 + 2 + 2  # each labeled and unlabeled image in a batch, and both val images
+    stored = {name: load_checkpoint(tmp_path / name)["stain"] for name in ("last.pt", "best.pt")}
+    assert stored["last.pt"] == stored["best.pt"] and stored["last.pt"]["method"] == "macenko"
+    predictor = load_predictor(tmp_path / "best.pt", "cpu")
+    assert predictor.stain.to_dict() == stored["best.pt"] and predictor.window_options()["stain"] is predictor.stain
+    seen.clear()
+    predict_instances(predictor, np.asarray(load_dataset(data, "folder")[0].image))
+    assert seen == [(96, 96, 3)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from PIL import Image
 import cdcl.commands.predict_wsi
 import cdcl.wsi.pipeline
 from cdcl.cli import main
+from cdcl.data.stain import StainNormalizer, fit_reference
 from cdcl.errors import CdclError
 from cdcl.testing.slides import DISCS, RADIUS, disc_image, monuseg_mosaic, stand_in_predictor, write_pyramid
 from cdcl.wsi.journal import Journal
@@ -589,3 +591,17 @@ def test_default_workers_inline_on_a_cpu_most_cores_with_a_gpu(tmp_path, disc_sl
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert cdcl.wsi.pipeline.default_workers(torch.device("cuda")) == 1
     assert [cdcl.wsi.pipeline.reader_count(w) for w in (0, 1, 4, 5)] == [0, 1, 1, 2]
+
+
+def test_stain_normalisation_of_a_slide_uses_one_estimate_of_its_stain(tmp_path, mosaic, monkeypatch) -> None:
+    predictor = dataclasses.replace(stand_in_predictor(), stain=fit_reference("macenko", [mosaic], "labeled.txt"))
+    sources = []
+    original = StainNormalizer.__call__
+    monkeypatch.setattr(
+        StainNormalizer, "__call__", lambda self, image: sources.append(self.source) or original(self, image)
+    )
+    summary = predict_slide(predictor, ArrayReader(mosaic, mpp=0.25), tmp_path, stem="m", tile=256, halo=32)
+    assert summary["stain_norm"] == "macenko" and len(sources) == summary["tiles"]["tissue"] > 1
+    assert sources[0] is not None and all(source is sources[0] for source in sources)
+    one_colour = ArrayReader(np.full((300, 300, 3), (150, 60, 170), np.uint8), mpp=0.25)  # tissue, no stain profile
+    assert predict_slide(predictor, one_colour, tmp_path, stem="flat", tile=256, halo=32)["stain_norm"] is None
