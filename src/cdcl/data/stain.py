@@ -15,13 +15,14 @@ all of one colour) is left as it is; a reference without one is an error.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from skimage.color import lab2rgb, rgb2lab
+from skimage.color import lab2rgb, rgb2lab, rgb_from_hed
 
 from cdcl.errors import CdclError
 from cdcl.vocab import StainNorm, spoken
@@ -34,6 +35,7 @@ MIN_LAB_STD = 1.0  # Reinhard: a CIELAB channel varying less than this is one co
 PERCENTILE = 99.0
 
 _OD = (-np.log((np.arange(256) + 1.0) / 256.0)).astype(np.float32)  # uint8 -> OD; 255 is OD 0
+_RUIFROK = rgb_from_hed[:2] / np.linalg.norm(rgb_from_hed[:2], axis=1, keepdims=True)  # H and E, unit length
 
 
 class NoStainProfile(ValueError):
@@ -57,7 +59,9 @@ def _tissue(pixels: np.ndarray) -> np.ndarray:
     return tissue
 
 
-def _macenko_profile(tissue: np.ndarray) -> dict[str, np.ndarray]:
+def _macenko_profile(tissue: np.ndarray, like: np.ndarray) -> dict[str, np.ndarray]:
+    """``like``: the (haematoxylin, eosin) directions the two stains found are matched to (the pairing nearer in
+    direction)."""
     od = _OD[tissue].astype(np.float64)
     plane = np.linalg.eigh(np.cov(od.T))[1][:, [2, 1]]  # the two main axes (eigh sorts eigenvalues ascending)
     plane[:, 0] *= np.sign(plane[:, 0].sum()) or 1.0  # first axis into the positive octant, where OD lies
@@ -67,7 +71,9 @@ def _macenko_profile(tissue: np.ndarray) -> dict[str, np.ndarray]:
         raise NoStainProfile("tissue of a single colour: not two stains (blank, grey or not H&E)")
     stains = np.stack([plane @ [np.cos(a), np.sin(a)] for a in (low, high)])
     stains /= np.linalg.norm(stains, axis=1, keepdims=True)
-    stains = stains[np.argsort(-stains[:, 0])]  # haematoxylin first: it absorbs more red than eosin
+    cosines = stains @ like.T  # [found, like]
+    if cosines[0, 1] + cosines[1, 0] > cosines[0, 0] + cosines[1, 1]:
+        stains = stains[::-1]
     amounts = np.percentile(od @ np.linalg.pinv(stains), PERCENTILE, axis=0)
     if not np.all(amounts > 0):
         raise NoStainProfile("one of the two stains is absent: not H&E")
@@ -75,16 +81,15 @@ def _macenko_profile(tissue: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _macenko_apply(image: np.ndarray, source: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> np.ndarray:
-    """Each pixel's stain amounts, rescaled to the reference's percentiles, recombined with its stain vectors: one
-    3x3 linear map of optical density."""
-    scale = reference["amounts"] / source["amounts"]
-    od_map = (np.linalg.pinv(source["stains"]) * scale) @ reference["stains"]
-    od = _OD[image].reshape(-1, 3) @ od_map.astype(np.float32)
-    rgb = 256.0 * np.exp(-od) - 1.0
+    """Each pixel's stain amounts (negative ones, of colours outside the two stains' cone, as none), rescaled to the
+    reference's percentiles and recombined with its stain vectors."""
+    unmix = (np.linalg.pinv(source["stains"]) * (reference["amounts"] / source["amounts"])).astype(np.float32)
+    amounts = np.maximum(_OD[image].reshape(-1, 3) @ unmix, 0)
+    rgb = 256.0 * np.exp(-(amounts @ reference["stains"].astype(np.float32))) - 1.0
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8).reshape(image.shape)
 
 
-def _reinhard_profile(tissue: np.ndarray) -> dict[str, np.ndarray]:
+def _reinhard_profile(tissue: np.ndarray, like: np.ndarray | None = None) -> dict[str, np.ndarray]:
     lab = rgb2lab(tissue[None]).reshape(-1, 3)
     mean, std = lab.mean(axis=0), lab.std(axis=0)
     if std.min() < MIN_LAB_STD:
@@ -94,16 +99,24 @@ def _reinhard_profile(tissue: np.ndarray) -> dict[str, np.ndarray]:
 
 def _reinhard_apply(image: np.ndarray, source: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> np.ndarray:
     lab = (rgb2lab(image) - source["mean"]) * (reference["std"] / source["std"]) + reference["mean"]
-    return np.clip(np.rint(lab2rgb(lab) * 255), 0, 255).astype(np.uint8)
+    with warnings.catch_warnings():  # colours moved outside sRGB are clipped, as intended: no warning per image
+        warnings.filterwarnings("ignore", "Conversion from CIE-LAB", UserWarning)
+        rgb = lab2rgb(lab)
+    return np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
 
 
 _METHODS = {"macenko": (_macenko_profile, _macenko_apply), "reinhard": (_reinhard_profile, _reinhard_apply)}
 _KEYS = {"macenko": {"stains": (2, 3), "amounts": (2,)}, "reinhard": {"mean": (3,), "std": (3,)}}
 
 
-def estimate_profile(method: StainNorm, images: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
-    """The stain profile of HxWx3 uint8 ``images`` pooled; NoStainProfile (saying why) when they hold none."""
-    return _METHODS[method][0](_tissue(_sample(images)))
+def estimate_profile(
+    method: StainNorm, images: Iterable[np.ndarray], reference: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """The stain profile of HxWx3 uint8 ``images`` pooled; NoStainProfile (saying why) when they hold none.
+    Macenko's two stains are told apart by direction, paired with the ``reference``'s haematoxylin and eosin
+    (without one, with the Ruifrok-Johnston vectors)."""
+    like = _RUIFROK if reference is None else reference.get("stains")
+    return _METHODS[method][0](_tissue(_sample(images)), like)
 
 
 @dataclass(frozen=True)
@@ -119,7 +132,7 @@ class StainNormalizer:
         source = self.source
         if source is None:
             try:
-                source = estimate_profile(self.method, [image])
+                source = estimate_profile(self.method, [image], self.reference)
             except NoStainProfile:
                 return image
         return _METHODS[self.method][1](image, source, self.reference)
@@ -128,7 +141,7 @@ class StainNormalizer:
         """This normaliser with the source profile of ``images`` pooled fixed; None when they hold none (so
         the images are best left as they are)."""
         try:
-            return dataclasses.replace(self, source=estimate_profile(self.method, images))
+            return dataclasses.replace(self, source=estimate_profile(self.method, images, self.reference))
         except NoStainProfile:
             return None
 
