@@ -514,19 +514,14 @@ def group(records: dict) -> dict[tuple[str, str, str], list[dict]]:
     return groups
 
 
+def rank(ds: str, budget: str, name: str = "") -> tuple:
+    """Table order: dataset as planned, budget from the smallest, method in plan order (others after, by name)."""
+    order = (DATASETS, tuple(FRACTIONS), PLAN_METHODS)
+    return (*(o.index(v) if v in o else len(o) for o, v in zip(order, (ds, budget, name))), name)
+
+
 def ordered(groups: dict) -> list[tuple[tuple[str, str, str], list[dict]]]:
-    """Dataset, then budget from the smallest, then method in plan order."""
-    rank = {n: i for i, n in enumerate(PLAN_METHODS)}
-    budgets = {b: i for i, b in enumerate(FRACTIONS)}
-    return sorted(
-        groups.items(),
-        key=lambda kv: (
-            DATASETS.index(kv[0][0]) if kv[0][0] in DATASETS else 99,
-            budgets.get(kv[0][1], 9),
-            rank.get(kv[0][2], 9),
-            kv[0][2],
-        ),
-    )
+    return sorted(groups.items(), key=lambda kv: rank(*kv[0]))
 
 
 def score(rec: dict, metric: str, which: str = "last") -> float:
@@ -556,18 +551,12 @@ def v2_gaps(groups: dict) -> list[str]:
     seed; in points of the last-iteration score."""
     lines = table_head("dataset", "labeled", "method", "minus", "pairs", "Dice points", "AJI points", "PQ points")
     comparisons = [(m, "supervised") for m in PLAN_METHODS[1:]] + [("cdcl", "unimatch")]
-    budgets = sorted(
-        {(ds, b) for ds, b, _ in groups},
-        key=lambda k: (DATASETS.index(k[0]) if k[0] in DATASETS else 99, list(FRACTIONS).index(k[1])),
-    )
+    budgets = sorted({(ds, b) for ds, b, _ in groups}, key=lambda k: rank(*k))
     for ds, budget in budgets:
         for minuend, base in comparisons:
             matched = pairs(groups, ds, budget, minuend, base)
             if matched:
-                cells = [
-                    interval_cell([100 * (score(a, k) - score(b, k)) for a, b in matched])
-                    for k in LABELS
-                ]
+                cells = [interval_cell([100 * (score(a, k) - score(b, k)) for a, b in matched]) for k in LABELS]
                 lines.append(
                     f"| {ds} | {budget.replace('-', '/')} | {minuend} | {base} | {len(matched)} | "
                     + " | ".join(cells)
