@@ -381,6 +381,13 @@ def identity(run: Run) -> dict:
     }
 
 
+THRESHOLD_SOURCES = {
+    "val/aji_tuned_last": "tuned on val for the last weights",
+    "val/aji_tuned": "best.pt's (run trained before the engine tuned last.pt)",
+    None: "defaults (train.tune_postprocess off)",
+}
+
+
 def training_log(run_dir: Path) -> dict:
     """Validation curve, training time and whose thresholds last.pt carries, from the run's metrics.jsonl."""
     log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -389,11 +396,9 @@ def training_log(run_dir: Path) -> dict:
     train_s = sum(
         r["s_per_iter"] * (r["iteration"] - prev["iteration"]) for prev, r in zip([{"iteration": 0}] + steps, steps)
     )
-    tuned_last = any("val/aji_tuned_last" in r for r in log)
+    tuned = [k for k in ("val/aji_tuned_last", "val/aji_tuned") if any(k in r for r in log)]
     return {
-        "last_thresholds": "tuned on val for the last weights"
-        if tuned_last
-        else "best.pt's (tuned for the best weights)",
+        "last_thresholds": THRESHOLD_SOURCES[tuned[0] if tuned else None],
         "val_dice_curve": [(r["iteration"], r["val/dice"]) for r in log if "val/dice" in r],
         "train_seconds": round(train_s, 1),
         "median_s_per_iter": s_per_iter[len(s_per_iter) // 2] if s_per_iter else None,
