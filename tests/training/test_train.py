@@ -288,3 +288,19 @@ def test_stain_normalisation_is_fitted_on_the_labeled_images_stored_and_applied_
     seen.clear()
     predict_instances(predictor, np.asarray(load_dataset(data, "folder")[0].image))
     assert seen == [(96, 96, 3)]
+
+
+def test_each_checkpoint_carries_the_thresholds_tuned_for_its_own_weights(tiny, tmp_path):
+    from cdcl.instances.postprocess import tune_params
+    from cdcl.training.engine import predict_probabilities
+
+    data, split = tiny
+    config = load_config(None, tiny_overrides(data, split, "supervised", **{"train.tune_postprocess": "true"}))
+    trainer = Trainer(config, tmp_path)
+    trainer.fit()
+    gts = [it.instances for it in trainer.splits.val]
+    for name in ("best.pt", "last.pt"):
+        predictor = load_predictor(tmp_path / name, "cpu")
+        params, _ = tune_params(predict_probabilities(predictor.model, trainer.splits.val, config, trainer.device), gts)
+        assert load_checkpoint(tmp_path / name)["postprocess"] == params.to_dict(), name
+    assert {"val/aji_tuned", "val/aji_tuned_last"} <= {k for r in records(tmp_path) for k in r}

@@ -500,7 +500,8 @@ class Trainer:
             dist.barrier()
 
     def _finish(self) -> None:
-        """Tune instance thresholds on val with the best weights; store them in both checkpoints."""
+        """Tune instance thresholds on val for the best weights (stored in best.pt) and for the final ones (stored in
+        last.pt, which predicts with them): each checkpoint carries the thresholds of the weights it predicts with."""
         if not self.dist.main:
             return
         best_path = self.out / "best.pt"
@@ -510,16 +511,25 @@ class Trainer:
             best = load_checkpoint(best_path)
             model = copy.deepcopy(self.teacher)
             model.load_state_dict(best["weights"][best["predict_with"]])
-            probs = predict_probabilities(model, self.splits.val, self.config, self.device, self.stain)
-            params, score = tune_params(probs, [it.instances for it in self.splits.val])
-            self.postprocess = params.to_dict()
+            best["postprocess"], score = self._tune(model)
             self._log({"iteration": self.step, "val/aji_tuned": score})
-            best["postprocess"] = self.postprocess
             best["complete"] = True
             save_checkpoint(best_path, lean_payload(best))
+            self.postprocess = best["postprocess"]
+            if self.best_step != self.step:  # else the final weights are the best ones
+                self.postprocess, score = self._tune(
+                    self.teacher if self.config.train.eval_model == "ema" else self.student
+                )
+            self._log({"iteration": self.step, "val/aji_tuned_last": score})
         self.complete = True
         self.save("last.pt")
         plot_training_curves(self._records(), self.out / "curves.png")
+
+    def _tune(self, model: nn.Module) -> tuple[dict, float]:
+        """Post-processing settings with the best mean AJI on the validation images for ``model``, and that AJI."""
+        probs = predict_probabilities(model, self.splits.val, self.config, self.device, self.stain)
+        params, score = tune_params(probs, [it.instances for it in self.splits.val])
+        return params.to_dict(), score
 
     def summary(self) -> dict[str, Any]:
         return {
