@@ -74,6 +74,7 @@ class DataConfig:
     root: str = ""  # dataset folder; relative paths are taken from the current directory
     format: DatasetFormat = "folder"  # cdcl.vocab.FORMATS: folder | monuseg | dsb2018
     split_dir: str = ""  # folder with labeled.txt, unlabeled.txt, val.txt (written by `cdcl split`)
+    unlabeled_root: str = ""  # a folder of unannotated images (images/, e.g. from `cdcl tiles`), all added as unlabeled
     mpp: float | None = None  # microns per pixel of the training images, stored for slide inference
     batch_size: int = 8  # labeled images per step
     unlabeled_batch_size: int = 8  # unlabeled images per step (semi-supervised methods)

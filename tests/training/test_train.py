@@ -15,7 +15,9 @@ from cdcl.checkpoint import load_checkpoint
 from cdcl.cli import main
 from cdcl.config import load_config
 from cdcl.data import load_dataset
+from cdcl.data.splits import Split, write_split
 from cdcl.data.stain import StainNormalizer
+from cdcl.data.synthetic import write_synthetic_dataset
 from cdcl.errors import CdclError
 from cdcl.inference.predictor import load_predictor, predict_instances
 from cdcl.training.engine import Trainer, train
@@ -304,3 +306,21 @@ def test_each_checkpoint_carries_the_thresholds_tuned_for_its_own_weights(tiny, 
         params, _ = tune_params(predict_probabilities(predictor.model, trainer.splits.val, config, trainer.device), gts)
         assert load_checkpoint(tmp_path / name)["postprocess"] == params.to_dict(), name
     assert {"val/aji_tuned", "val/aji_tuned_last"} <= {k for r in records(tmp_path) for k in r}
+
+
+def test_unlabeled_root_adds_every_image_of_another_folder_as_unlabeled(tiny, tmp_path):
+    from cdcl.training.engine import load_splits
+
+    data, split = tiny
+    own = tmp_path / "own_split"
+    names = load_dataset(data, "folder").names()
+    write_split(Split(labeled=names[:3], unlabeled=[], val=names[8:10], test=[]), own)
+    lab_tiles = tmp_path / "lab"
+    write_synthetic_dataset(lab_tiles, 4, seed=7, size=96)  # annotated, but used as unlabeled: masks are dropped
+    config = load_config(None, tiny_overrides(data, own, "cdcl", **{"data.unlabeled_root": lab_tiles}))
+    splits = load_splits(config, needs_unlabeled=True)
+    assert [it.name.split(":")[0] for it in splits.unlabeled] == ["unlabeled"] * 4
+    assert not any(it.has_mask for it in splits.unlabeled) and len(splits.labeled) == 3
+    missing = load_config(None, tiny_overrides(data, own, "cdcl", **{"data.unlabeled_root": tmp_path / "nope"}))
+    with pytest.raises(CdclError, match="data.unlabeled_root"):
+        load_splits(missing, needs_unlabeled=True)

@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,16 @@ def config_folder(key: str, value: str, hint: str) -> Path:
     return path
 
 
+def extra_unlabeled(folder: str) -> list:
+    """Every image of ``data.unlabeled_root`` as an unlabeled item, named ``unlabeled:<stem>``: the lab's own tiles
+    beside labels from another dataset, which a split of one dataset cannot list."""
+    if not folder:
+        return []
+    root = config_folder("data.unlabeled_root", folder, "a folder holding images/, e.g. written by `cdcl tiles`")
+    items = load_dataset(root, "folder")
+    return [replace(it, name=f"unlabeled:{it.name}", mask=None) for it in items]
+
+
 def load_splits(config: Config, needs_unlabeled: bool) -> Splits:
     """Items named by the split folder; the labeled list must be non-empty, every labeled item annotated, and no
     validation item cut from an image trained on."""
@@ -115,7 +125,7 @@ def load_splits(config: Config, needs_unlabeled: bool) -> Splits:
         raise CdclError("labeled split is empty: nothing to train on", split_dir / "labeled.txt")
     for name, items in (("labeled.txt", labeled), ("val.txt", read("val.txt", False))):
         require_masks(items, split_dir / name)
-    unlabeled = read("unlabeled.txt", False)
+    unlabeled = read("unlabeled.txt", False) + extra_unlabeled(d.unlabeled_root)
     if needs_unlabeled and not unlabeled:
         raise CdclError(
             f"method '{config.method.name}' needs unlabeled items but the list is empty", split_dir / "unlabeled.txt"
