@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-MethodName = Literal["supervised", "mean_teacher", "fixmatch", "cdcl"]
+MethodName = Literal["supervised", "mean_teacher", "fixmatch", "cdcl", "unimatch"]
 METHODS: tuple[str, ...] = get_args(MethodName)
 
 DatasetFormat = Literal["folder", "monuseg", "dsb2018"]

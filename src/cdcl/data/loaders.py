@@ -92,13 +92,25 @@ class LabeledSet(_ItemSet):
         return {"image": torch.from_numpy(view), **{k: torch.from_numpy(v) for k, v in targets.items()}}
 
 
+STRONG_KEYS = ("strong", "strong2")  # batch keys of the strong views, in drawing order
+
+
 class UnlabeledSet(_ItemSet):
-    """Unlabeled items -> {"weak": ..., "strong": ...}: one shared geometry, photometry on strong only."""
+    """Unlabeled items -> {"weak": ..., "strong": ...} (and "strong2" with ``strong_views`` 2): one shared
+    geometry, photometry on the strong views only."""
+
+    def __init__(self, items: Sequence, augment: AugmentConfig, strong_views: int = 1) -> None:
+        super().__init__(items, augment)
+        if not 1 <= strong_views <= len(STRONG_KEYS):
+            raise ValueError(f"strong_views must be in [1, {len(STRONG_KEYS)}], got {strong_views}")
+        self.strong_views = strong_views
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         index, seed = key
-        weak, strong = paired_views(self._image(self.items[index]), np.random.default_rng(seed), self.augment)
-        return {"weak": torch.from_numpy(weak), "strong": torch.from_numpy(strong)}
+        weak, *strong = paired_views(
+            self._image(self.items[index]), np.random.default_rng(seed), self.augment, self.strong_views
+        )
+        return {"weak": torch.from_numpy(weak), **{k: torch.from_numpy(v) for k, v in zip(STRONG_KEYS, strong)}}
 
 
 def stream_loader(

@@ -338,7 +338,10 @@ class Trainer:
         unl = None
         if self.method.uses_unlabeled:
             unl = stream_loader(
-                UnlabeledSet(self.splits.unlabeled, self.config.augment), d.unlabeled_batch_size, seed=seed + 1, **kw
+                UnlabeledSet(self.splits.unlabeled, self.config.augment, self.method.strong_views),
+                d.unlabeled_batch_size,
+                seed=seed + 1,
+                **kw,
             )
         return lab, unl
 
