@@ -36,6 +36,7 @@ def records(run_dir):
         ("mean_teacher", {"sup", "cons"}),
         ("fixmatch", {"sup", "cons"}),
         ("cdcl", {"sup", "cons", "ent", "contr"}),
+        ("unimatch", {"sup", "cons", "cons_fp"}),
     ],
 )
 def test_each_method_trains_and_logs_its_terms(tiny, tmp_path, method, terms):
@@ -91,9 +92,10 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_reaches_the_same_weights(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["cdcl", "unimatch"])  # the methods that draw their own random numbers
+def test_resume_reaches_the_same_weights(tiny, tmp_path, monkeypatch, method):
     data, split = tiny
-    config = load_config(None, tiny_overrides(data, split, "cdcl", iterations=6, **{"method.threshold": 0.0}))
+    config = load_config(None, tiny_overrides(data, split, method, iterations=6, **{"method.threshold": 0.0}))
     train(config, tmp_path / "straight")
 
     original = Trainer._validate_and_save
