@@ -183,10 +183,11 @@ def test_resume_refuses_other_architecture(tiny, tmp_path):
         train(other, tmp_path)
 
 
-def test_ddp_two_processes_on_cpu(tiny, tmp_path):
+@pytest.mark.parametrize("method", ["cdcl", "unimatch"])  # unimatch: its feature stream rides in the one DDP call
+def test_ddp_two_processes_on_cpu(tiny, tmp_path, method):
     data, split = tiny
     sets = [
-        a for s in tiny_overrides(data, split, "cdcl", iterations=3, **{"method.threshold": 0.0}) for a in ("--set", s)
+        a for s in tiny_overrides(data, split, method, iterations=3, **{"method.threshold": 0.0}) for a in ("--set", s)
     ]
     cfg = tmp_path / "c.yaml"
     cfg.write_text("")
