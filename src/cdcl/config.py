@@ -34,6 +34,7 @@ from cdcl.vocab import (
     OPTIMIZERS,
     SCHEDULES,
     SELECT_BY,
+    STRONG_VIEWS,
     AnchorSource,
     DatasetFormat,
     EvalModel,
@@ -171,7 +172,10 @@ class MethodConfig:
                 (0.0 <= self.ema_decay < 1.0, "method.ema_decay must be in [0, 1)"),
                 (self.temperature > 0, "method.temperature must be > 0"),
                 (self.grid >= 1, "method.grid must be >= 1"),
-                (self.strong_views in (1, 2), "method.strong_views must be 1 or 2"),
+                (
+                    1 <= self.strong_views <= len(STRONG_VIEWS),
+                    f"method.strong_views must be in [1, {len(STRONG_VIEWS)}]",
+                ),
                 (
                     0.0 <= self.feature_dropout < 1.0 and 0.0 <= self.cutmix_prob <= 1.0,
                     "method.feature_dropout must be in [0, 1) and method.cutmix_prob in [0, 1]",

@@ -134,7 +134,7 @@ def test_the_second_strong_view_leaves_the_first_views_unchanged():
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("strong_views", 3, "method.strong_views must be 1 or 2"),
+        ("strong_views", 3, "method.strong_views must be in [1, 2]"),
         ("feature_dropout", 1.0, "method.feature_dropout must be in [0, 1)"),
         ("cutmix_prob", -0.1, "method.cutmix_prob in [0, 1]"),
     ],

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from cdcl.data.views import AugmentConfig, labeled_view, paired_views
 from cdcl.errors import from_workers
 from cdcl.instances.representations import make_targets
+from cdcl.vocab import STRONG_VIEWS
 
 
 class SeededStreamSampler(Sampler):
@@ -92,17 +93,14 @@ class LabeledSet(_ItemSet):
         return {"image": torch.from_numpy(view), **{k: torch.from_numpy(v) for k, v in targets.items()}}
 
 
-STRONG_KEYS = ("strong", "strong2")  # batch keys of the strong views, in drawing order
-
-
 class UnlabeledSet(_ItemSet):
     """Unlabeled items -> {"weak": ..., "strong": ...} (and "strong2" with ``strong_views`` 2): one shared
     geometry, photometry on the strong views only."""
 
     def __init__(self, items: Sequence, augment: AugmentConfig, strong_views: int = 1) -> None:
         super().__init__(items, augment)
-        if not 1 <= strong_views <= len(STRONG_KEYS):
-            raise ValueError(f"strong_views must be in [1, {len(STRONG_KEYS)}], got {strong_views}")
+        if not 1 <= strong_views <= len(STRONG_VIEWS):
+            raise ValueError(f"strong_views must be in [1, {len(STRONG_VIEWS)}], got {strong_views}")
         self.strong_views = strong_views
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -110,7 +108,7 @@ class UnlabeledSet(_ItemSet):
         weak, *strong = paired_views(
             self._image(self.items[index]), np.random.default_rng(seed), self.augment, self.strong_views
         )
-        return {"weak": torch.from_numpy(weak), **{k: torch.from_numpy(v) for k, v in zip(STRONG_KEYS, strong)}}
+        return {"weak": torch.from_numpy(weak), **{k: torch.from_numpy(v) for k, v in zip(STRONG_VIEWS, strong)}}
 
 
 def stream_loader(

@@ -17,7 +17,7 @@ class Method:
 
     name: ClassVar[str]  # the config's method.name: one of cdcl.vocab.METHODS (the registry is keyed by it)
     uses_unlabeled = False
-    strong_views = 1  # strong views per unlabeled image the loader makes ("strong", then "strong2")
+    strong_views = 1  # strong views per unlabeled image the loader makes (batch keys: cdcl.vocab.STRONG_VIEWS)
 
     def __init__(self, cfg: Any, representation: str = "binary") -> None:
         self.cfg, self.representation = cfg, representation

@@ -16,8 +16,7 @@ import torch
 
 from cdcl.methods.base import Method, student_forward, teacher_forward
 from cdcl.methods.cutmix import cutmix, cutmix_boxes
-
-STRONG_KEYS = ("strong", "strong2")  # the loader's batch keys of the strong views, in drawing order
+from cdcl.vocab import STRONG_VIEWS
 
 
 class UniMatch(Method):
@@ -37,13 +36,13 @@ class UniMatch(Method):
         target = teacher_forward(student, weak)["logits"]
         generator = torch.Generator().manual_seed(1_000_003 * step + 29)  # seeded by the step: resume draws alike
         boxes = [cutmix_boxes(len(weak), weak.shape[-2:], cfg.cutmix_prob, generator) for _ in range(self.strong_views)]
-        views = [cutmix(unlabeled[key], box) for key, box in zip(STRONG_KEYS, boxes)]
-        perturbed = weak.shape[0] if cfg.feature_dropout > 0 else 0
+        views = [cutmix(unlabeled[key], box) for key, box in zip(STRONG_VIEWS, boxes)]
+        perturbed = len(weak) if cfg.feature_dropout > 0 else 0
         if perturbed:  # the weak view, perturbed, rides in the same student pass (one call per step under DDP)
             views.append(weak)
         model_kwargs = {"feature_dropout": cfg.feature_dropout, "perturbed": perturbed} if perturbed else {}
         lab, unl = student_forward(student, labeled, torch.cat(views), **model_kwargs)
-        streams = unl["logits"].split(weak.shape[0])
+        streams = unl["logits"].split(len(weak))
         per_view = [self.confident_consistency(s, cutmix(target, box)) for s, box in zip(streams, boxes)]
         terms = {key: sum(view[key] for view in per_view) / len(per_view) for key in per_view[0]}
         unlabeled_loss = terms["cons"] + terms.get("cons_dist", 0.0)
