@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-MethodName = Literal["supervised", "mean_teacher", "fixmatch", "cdcl"]
+MethodName = Literal["supervised", "mean_teacher", "fixmatch", "cdcl", "unimatch"]
 METHODS: tuple[str, ...] = get_args(MethodName)
+STRONG_VIEWS: tuple[str, ...] = ("strong", "strong2")  # unlabeled batch keys of the strong views, drawn in order
 
 DatasetFormat = Literal["folder", "monuseg", "dsb2018"]
 FORMATS: tuple[str, ...] = get_args(DatasetFormat)

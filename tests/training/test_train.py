@@ -41,6 +41,7 @@ def records(run_dir):
         ("mean_teacher", {"sup", "cons"}),
         ("fixmatch", {"sup", "cons"}),
         ("cdcl", {"sup", "cons", "ent", "contr"}),
+        ("unimatch", {"sup", "cons", "cons_fp"}),
     ],
 )
 def test_each_method_trains_and_logs_its_terms(tiny, tmp_path, method, terms):
@@ -96,9 +97,10 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_reaches_the_same_weights(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["cdcl", "unimatch"])  # the methods that draw their own random numbers
+def test_resume_reaches_the_same_weights(tiny, tmp_path, monkeypatch, method):
     data, split = tiny
-    config = load_config(None, tiny_overrides(data, split, "cdcl", iterations=6, **{"method.threshold": 0.0}))
+    config = load_config(None, tiny_overrides(data, split, method, iterations=6, **{"method.threshold": 0.0}))
     train(config, tmp_path / "straight")
 
     original = Trainer._validate_and_save
@@ -186,10 +188,11 @@ def test_resume_refuses_other_architecture(tiny, tmp_path):
         train(other, tmp_path)
 
 
-def test_ddp_two_processes_on_cpu(tiny, tmp_path):
+@pytest.mark.parametrize("method", ["cdcl", "unimatch"])  # unimatch: its feature stream rides in the one DDP call
+def test_ddp_two_processes_on_cpu(tiny, tmp_path, method):
     data, split = tiny
     sets = [
-        a for s in tiny_overrides(data, split, "cdcl", iterations=3, **{"method.threshold": 0.0}) for a in ("--set", s)
+        a for s in tiny_overrides(data, split, method, iterations=3, **{"method.threshold": 0.0}) for a in ("--set", s)
     ]
     cfg = tmp_path / "c.yaml"
     cfg.write_text("")

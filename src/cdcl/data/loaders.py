@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from cdcl.data.views import AugmentConfig, labeled_view, paired_views
 from cdcl.errors import from_workers
 from cdcl.instances.representations import make_targets
+from cdcl.vocab import STRONG_VIEWS
 
 
 class SeededStreamSampler(Sampler):
@@ -102,12 +103,27 @@ class LabeledSet(_ItemSet):
 
 
 class UnlabeledSet(_ItemSet):
-    """Unlabeled items -> {"weak": ..., "strong": ...}: one shared geometry, photometry on strong only."""
+    """Unlabeled items -> {"weak": ..., "strong": ...} (and "strong2" with ``strong_views`` 2): one shared
+    geometry, photometry on the strong views only."""
+
+    def __init__(
+        self,
+        items: Sequence,
+        augment: AugmentConfig,
+        strong_views: int = 1,
+        stain: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> None:
+        super().__init__(items, augment, stain)
+        if not 1 <= strong_views <= len(STRONG_VIEWS):
+            raise ValueError(f"strong_views must be in [1, {len(STRONG_VIEWS)}], got {strong_views}")
+        self.strong_views = strong_views
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         index, seed = key
-        weak, strong = paired_views(self._image(self.items[index]), np.random.default_rng(seed), self.augment)
-        return {"weak": torch.from_numpy(weak), "strong": torch.from_numpy(strong)}
+        weak, *strong = paired_views(
+            self._image(self.items[index]), np.random.default_rng(seed), self.augment, self.strong_views
+        )
+        return {"weak": torch.from_numpy(weak), **{k: torch.from_numpy(v) for k, v in zip(STRONG_VIEWS, strong)}}
 
 
 def stream_loader(

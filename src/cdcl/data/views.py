@@ -287,11 +287,17 @@ def labeled_view(
     return x, geometry.labels(instances)
 
 
-def paired_views(image: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(weak, strong) 3xSxS float32 views of one image: one geometry, photometric changes on strong only."""
+def paired_views(
+    image: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig, strong_views: int = 1
+) -> tuple[np.ndarray, ...]:
+    """(weak, strong, ...) 3xSxS float32 views of one image: one geometry, photometric changes on the strong ones.
+
+    Each of the ``strong_views`` strong views has its own photometric draw, made after the earlier ones', so the
+    first strong view is the same whatever their number (UniMatch's second view leaves the others' streams alone).
+    """
     _check(image)
     weak = _chw(sample_geometry(image.shape[:2], rng, cfg).image(image)) / np.float32(255)
-    return weak, _photometric(weak, rng, cfg, 1.0)
+    return weak, *(_photometric(weak, rng, cfg, 1.0) for _ in range(strong_views))
 
 
 def eval_view(image: np.ndarray) -> np.ndarray:

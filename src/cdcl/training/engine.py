@@ -364,7 +364,7 @@ class Trainer:
         unl = None
         if self.method.uses_unlabeled:
             unl = stream_loader(
-                UnlabeledSet(self.splits.unlabeled, self.config.augment, self.stain),
+                UnlabeledSet(self.splits.unlabeled, self.config.augment, self.method.strong_views, self.stain),
                 d.unlabeled_batch_size,
                 seed=seed + 1,
                 **kw,
