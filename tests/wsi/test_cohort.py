@@ -12,7 +12,13 @@ import pytest
 
 from cdcl.cli import main
 from cdcl.errors import CdclError
-from cdcl.testing.slides import disc_image, monuseg_mosaic, stand_in_predictor, write_pyramid
+from cdcl.testing.slides import (
+    disc_image,
+    monuseg_mosaic,
+    stand_in_predictor,
+    write_pyramid,
+    write_untrained_checkpoint,
+)
 from cdcl.wsi.cohort import HISTOGRAM, INTERRUPTED, TABLE, record_failure, write_cohort
 from cdcl.wsi.journal import lock_path
 from cdcl.wsi.pipeline import OUTPUTS, predict_slide
@@ -84,17 +90,10 @@ distributed = pytest.importorskip("distributed")
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """An untrained tiny network at 0.5 um/px through the real checkpoint loader (Dask workers load it)."""
-    from cdcl.checkpoint import save_checkpoint
-    from cdcl.config import load_config
-    from cdcl.models import build_model
-
     from helpers.training import TINY_MODEL
 
-    config = load_config(None, [*TINY_MODEL, "infer.window=128", "model.pretrained=false", "data.mpp=0.5"])
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    weights = build_model(config.model).state_dict()
-    save_checkpoint(path, {"config": config.to_dict(), "weights": {"student": weights}, "postprocess": {}})
-    return path
+    return write_untrained_checkpoint(path, [*TINY_MODEL, "infer.window=128", "data.mpp=0.5"])
 
 
 @pytest.fixture(scope="module")
