@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from cdcl.errors import CdclError
 from cdcl.inference.predictor import Predictor, load_predictor
 from cdcl.wsi.cohort import clear_failure
-from cdcl.wsi.pipeline import predict_slide
+from cdcl.wsi.pipeline import default_workers, predict_slide
 from cdcl.wsi.readers import SlideReader, open_slide
 
 log = logging.getLogger(__name__)
@@ -113,5 +114,11 @@ def predict_on_worker(job: SlideJob) -> dict[str, Any]:
     if key is None or any(key[name] != job.checkpoint_key[name] for name in key):
         raise CdclError("the checkpoint changed since the command started; run again", job.checkpoint)
     predictor = _worker_predictor(job.checkpoint, job.checkpoint_key["sha256"], job.device, job.batch_size)
+    workers = default_workers(predictor.device) if job.workers is None else job.workers
+    if workers and multiprocessing.current_process().daemon:
+        raise CdclError(
+            f"this Dask worker cannot start the {workers} post-processing processes of --workers (a daemon process "
+            "has no children): start the workers with DASK_DISTRIBUTED__WORKER__DAEMON=False, or pass --workers 0"
+        )
     reader = open_slide(job.slide, job.mpp, need_mpp=predictor.mpp is not None)
     return run_job(job, predictor, reader)
