@@ -45,3 +45,7 @@ def spoken(names: tuple[str, ...], quote: str = "") -> str:
     """``names`` as a message lists them: ``a, b or c`` (each between ``quote``)."""
     quoted = [f"{quote}{name}{quote}" for name in names]
     return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
+CohortStatus = Literal["finished", "running", "failed", "missing"]  # a slide's row in `cdcl cohort`'s table
+COHORT_STATUSES: tuple[str, ...] = get_args(CohortStatus)

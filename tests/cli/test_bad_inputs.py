@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -905,6 +906,46 @@ def test_predict_wsi_refuses_an_unwritable_output(world, tmp_path, record):
     assert_refused(result, "file.txt/out", "cannot create output folder")
 
 
+SPREAD_CASES = {
+    "shard-zero": (["--shard", "0/4"], "--shard 0/4 (shares count from 1)", ("--shard must be K/N", "'0/4'")),
+    "shard-past-count": (["--shard", "5/4"], "--shard 5/4", ("--shard must be K/N", "'5/4'")),
+    "shard-not-a-share": (["--shard", "x"], "--shard x", ("--shard must be K/N", "'x'")),
+    "dask-local-zero": (["--dask", "local:0"], "--dask local:0 (no workers)", ("--dask must be", "'local:0'")),
+    "silent-scheduler": (
+        ["--dask", "tcp://127.0.0.1:9"],
+        "--dask tcp://127.0.0.1:9, where no scheduler listens (Dask's connect timeout set to 3 s; at most 30 s)",
+        ("no Dask scheduler answers at tcp://127.0.0.1:9 within 3 s",),
+    ),
+    "resources-without-dask": (["--resources", "GPU=1"], "--resources GPU=1 without --dask", ("pass --dask too",)),
+}
+
+
+@pytest.mark.parametrize("case", list(SPREAD_CASES))
+def test_predict_wsi_refuses_bad_shards_and_clusters(world, tmp_path, record, case):
+    extra, given, mentions = SPREAD_CASES[case]
+    slide, out = write_slide(tmp_path / "slide.tif"), tmp_path / "out"
+    env = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"}
+    result = run_cdcl(*wsi_args(world.checkpoint, slide, out), *extra, env=env, timeout=60)
+    record("predict-wsi", given, result, "exit 2")
+    assert_refused(result, *mentions, out=out)
+    assert result.seconds < 30
+
+
+def test_predict_wsi_dask_needs_the_cluster_extra(world, tmp_path, record, monkeypatch, capsys):
+    """In-process: ``distributed`` made unimportable, as where the ``cluster`` extra is not installed."""
+    from cdcl.cli import main
+
+    slide, out = write_slide(tmp_path / "slide.tif"), tmp_path / "out"
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    assert main([*wsi_args(world.checkpoint, slide, out), "--dask", "local:2"]) == 2
+    err = capsys.readouterr().err.strip()
+    record("predict-wsi", "--dask without the cluster extra installed", None, "exit 2", message=err)
+    assert err.splitlines() == [
+        "cdcl predict-wsi: error: --dask needs the optional 'distributed' package: pip install 'cdcl[cluster]'"
+    ]
+    assert not out.exists()
+
+
 def test_predict_wsi_writes_complete_outputs(world, tmp_path, record):
     slide = write_slide(tmp_path / "slide.tif")
     out = tmp_path / "out"
@@ -912,6 +953,8 @@ def test_predict_wsi_writes_complete_outputs(world, tmp_path, record):
     record("predict-wsi", "512x768 pyramidal TIFF of synthetic tissue", result, "exit 0")
     assert_ok(result)
     assert sorted(p.name for p in out.iterdir()) == [
+        "cohort.csv",
+        "cohort_nuclei_per_mm2.png",
         "slide.geojson",
         "slide_nuclei.csv",
         "slide_overlay.png",
