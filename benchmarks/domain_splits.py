@@ -13,7 +13,10 @@ Deterministic: the same data gives byte-identical files (sorted names, one seede
   brightfield and tissue images, halved per group. The partition is drawn once (seed 0) so every seed and the
   cross-dataset rows share one test set; the seed changes the labeled images. ``test-tissue.txt`` and
   ``test-fluorescence.txt`` are the cross-dataset test lists; ``resolution.json`` the median nucleus diameters
-  and the microns per pixel they imply for the tissue images.
+  and the microns per pixel they imply for the tissue images; ``unlabeled-tissue.txt`` the tissue images of the
+  unlabeled half (the lab route's unlabeled tiles, and the target validation images for choosing switches).
+- ``splits/monuseg-lab``: the MoNuSeg 1/16 splits with an empty unlabeled list, for runs whose unlabeled images
+  are another dataset's (``data.unlabeled_root``), as a lab's own slides would be.
 
     python benchmarks/domain_splits.py                  # rewrite both folders under splits/
     python benchmarks/domain_splits.py --out /tmp/s     # write elsewhere (the test compares the two)
@@ -202,6 +205,7 @@ def write_dsb2018_type(out: Path, data: Path, monuseg_train: list[Item]) -> None
         write_split(dsb_split(parts, seed), out / BUDGET / f"seed{seed}")
     write_lines(out / "test-tissue.txt", parts["tissue_test"])
     write_lines(out / "test-fluorescence.txt", parts["fluo_test"])
+    write_lines(out / "unlabeled-tissue.txt", parts["tissue_unlabeled"])
     by_group = {g: [dataset.item(r["name"]) for r in rows if r["group"] == g] for g in GROUPS}
     diameters = {"monuseg-train": median_diameter(monuseg_train)}
     diameters |= {g: median_diameter(items) for g, items in by_group.items()}
@@ -216,6 +220,18 @@ def write_dsb2018_type(out: Path, data: Path, monuseg_train: list[Item]) -> None
     write_text_atomic(out / "resolution.json", json.dumps(resolution, indent=2) + "\n")
 
 
+def write_monuseg_lab(out: Path, monuseg_splits: Path) -> None:
+    """The MoNuSeg 1/16 splits without their unlabeled tiles: a lab's case, whose unlabeled images come from its own
+    slides (``data.unlabeled_root``), not from the labeled dataset."""
+    for seed in SEEDS:
+        source = monuseg_splits / BUDGET / f"seed{seed}"
+        lists = {name: (source / f"{name}.txt").read_text().split() for name in ("labeled", "val", "test")}
+        split = Split(unlabeled=[], **lists)
+        split.params = {"data": f"{DATA}/monuseg", "format": "monuseg", "track": "monuseg-lab", "seed": seed}
+        split.params |= {"from": f"splits/monuseg/{BUDGET}/seed{seed} (unlabeled list emptied)"}
+        write_split(split, out / BUDGET / f"seed{seed}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "splits", help="folder to write the two tracks into")
@@ -223,7 +239,8 @@ def main() -> None:
     args = parser.parse_args()
     monuseg_train = write_monuseg_organ(args.out / "monuseg-organ", args.data)
     write_dsb2018_type(args.out / "dsb2018-type", args.data, monuseg_train)
-    print(f"wrote {args.out / 'monuseg-organ'} and {args.out / 'dsb2018-type'}")
+    write_monuseg_lab(args.out / "monuseg-lab", ROOT / "splits" / "monuseg")
+    print(f"wrote {args.out / 'monuseg-organ'}, {args.out / 'dsb2018-type'} and {args.out / 'monuseg-lab'}")
 
 
 if __name__ == "__main__":

@@ -89,27 +89,42 @@ class CrossTrack:
     test: str
     in_domain: str | None = None
     mpp: str | None = None
+    val: str | None = None  # labeled target images apart from the test ones: they choose the switches
 
 
 DSB_ALL = Track("dsb2018", "", "dsb2018")
 RESOLUTION = ROOT / "splits" / "dsb2018-type" / "resolution.json"
+TARGET_VAL = "splits/dsb2018-type/unlabeled-tissue.txt"
 TRACKS = {
     "monuseg": Track("monuseg", "monuseg", "monuseg"),
     "dsb2018": Track("dsb2018", "dsb2018", "dsb2018"),
     "monuseg-organ": Track("monuseg", "monuseg", "monuseg"),
+    "monuseg-lab": Track("monuseg", "monuseg", "monuseg"),  # no unlabeled tiles of its own: data.unlabeled_root
     "dsb2018-type": DSB_ALL,
 }
 CROSS = {
     "monuseg->dsb-tissue": CrossTrack(
-        "monuseg", DSB_ALL, "splits/dsb2018-type/test-tissue.txt", mpp="tissue_mpp_from_monuseg"
+        "monuseg", DSB_ALL, "splits/dsb2018-type/test-tissue.txt", mpp="tissue_mpp_from_monuseg", val=TARGET_VAL
     ),
     "dsb-fluo->dsb-tissue": CrossTrack(
         "dsb2018-type",
         DSB_ALL,
         "splits/dsb2018-type/test-tissue.txt",
         in_domain="splits/dsb2018-type/test-fluorescence.txt",
+        val=TARGET_VAL,
     ),
 }
+TARGET_TILES = "runs/_data/dsb-tissue-unlabeled"
+"""The lab route's unlabeled images: links to the DSB tissue images of ``TARGET_VAL``, as `cdcl tiles` would write a
+lab's own tiles (a folder with images/)."""
+SWITCHES = {
+    "supervised-hed": ("monuseg", "supervised", ["augment.stain=hed"]),
+    "supervised-reinhard": ("monuseg", "supervised", ["data.stain_norm=reinhard"]),
+    "cdcl-target": ("monuseg-lab", "cdcl", [f"data.unlabeled_root={TARGET_TILES}"]),
+    "supervised-hed-reinhard": ("monuseg", "supervised", ["augment.stain=hed", "data.stain_norm=reinhard"]),
+}
+"""Issue 22 on MoNuSeg 1/16 -> DSB tissue: the stain switches, and the lab's route (labels from MoNuSeg, unlabeled
+images from the target), each evaluated like the plain supervised run."""
 DATASETS = (*TRACKS, *CROSS)
 
 
@@ -169,6 +184,10 @@ def plan() -> list[Run]:
             runs.extend(
                 Run(name, "1-16", seed, m, m, source=Run(cross.source, "1-16", seed, m, m)) for m in PLAN_METHODS
             )
+    for seed in range(TRACK_SEEDS):
+        for name, (source, method, overrides) in SWITCHES.items():
+            trained = Run(source, "1-16", seed, name, method, overrides)
+            runs.append(Run("monuseg->dsb-tissue", "1-16", seed, name, method, source=trained))
     for seed in range(SPLIT_SEEDS["1-8"]):
         runs.append(Run("monuseg", "full", seed, "supervised", "supervised"))
         runs.extend(Run("monuseg", "1-8", seed, m, m) for m in PLAN_METHODS)
@@ -297,12 +316,26 @@ def train(run: Run, extra: list[str], data_root: str) -> list[str]:
     ensure_split(run, data)
     if not (ROOT / run.config).exists():
         raise CdclError("config not found (its method is not merged yet)", run.config)
+    if f"data.unlabeled_root={TARGET_TILES}" in run.overrides:
+        link_target_tiles(data_root)
     sets = [f"data.root={data}", *train_sets(run, extra)]
     command = cdcl(
         "train", "--config", str(run.config), *[a for s in sets for a in ("--set", s)], "--out", rel(run.run_dir)
     )
     subprocess.run(command, cwd=ROOT, check=True)
     return command
+
+
+def link_target_tiles(data_root: str) -> None:
+    """``TARGET_TILES``/images: one link per image of ``TARGET_VAL`` (names ``<set>/<id>`` of the DSB root)."""
+    images = ROOT / TARGET_TILES / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    root = Path(data_root) if Path(data_root).is_absolute() else ROOT / data_root
+    for name in (ROOT / TARGET_VAL).read_text().split():
+        subset, image_id = name.split("/")
+        link = images / f"{image_id}.png"
+        if not link.is_symlink():
+            link.symlink_to((root / subset / "stage1_train" / image_id / "images" / f"{image_id}.png").resolve())
 
 
 def rel(path: Path) -> str:
@@ -356,6 +389,11 @@ def execute(run: Run, extra: list[str], data_root: str = DEFAULT_DATA) -> dict:
         record |= {"source": trained.key, "in_domain": {"mean": metrics["mean"], "pooled": metrics["pooled"]}}
         record |= {"mpp": mpp if mpp is not None and evaluate_has_mpp() else None}
         commands.append(shown(command))
+        if cross.val:
+            out = run.run_dir / f"eval_{safe}_val_last"
+            metrics, command, _ = evaluate(run.run_dir / "last.pt", target, cross.val, out, data_root, mpp)
+            record["target_val"] = {"mean": metrics["mean"], "pooled": metrics["pooled"]}
+            commands.append(shown(command))
     return (
         record
         | training_log(run.run_dir)
@@ -585,7 +623,7 @@ def noise_floor(groups: dict) -> str:
 def v2_cross(groups: dict) -> list[str]:
     lines = table_head(
         "dataset", "labeled (source)", "method", "seeds", "in-domain Dice", "in-domain AJI", "target Dice",
-        "target AJI", "target PQ", "Dice drop (points)", "--mpp",
+        "target AJI", "target PQ", "Dice drop (points)", "--mpp", "target val AJI",
     )  # fmt: skip
     for (ds, budget, name), recs in ordered(groups):
         if ds not in CROSS:
@@ -594,10 +632,11 @@ def v2_cross(groups: dict) -> list[str]:
         target = [mean_sd([score(r, k) for r in recs]) for k in LABELS]
         drop = interval_cell([100 * (r["in_domain"]["mean"]["dice"] - score(r, "dice")) for r in recs])
         mpp = sorted({str(r.get("mpp")) for r in recs})
+        val = mean_sd([r["target_val"]["mean"]["aji"] for r in recs if "target_val" in r])
         lines.append(
             f"| {ds} | {budget.replace('-', '/')} | {name} | {len(recs)} | "
             + " | ".join(domain + target)
-            + f" | {drop} | {', '.join(mpp)} |"
+            + f" | {drop} | {', '.join(mpp)} | {val} |"
         )
     return lines
 

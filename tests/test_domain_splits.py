@@ -41,7 +41,7 @@ def regenerated(tmp_path_factory, shared_data):
 
 
 def test_split_files_regenerate_byte_identical(regenerated):
-    for track in ("monuseg-organ", "dsb2018-type"):
+    for track in ("monuseg-organ", "dsb2018-type", "monuseg-lab"):
         committed = sorted(p.relative_to(SPLITS) for p in (SPLITS / track).rglob("*") if p.is_file())
         written = sorted(p.relative_to(regenerated) for p in (regenerated / track).rglob("*") if p.is_file())
         assert committed == written
@@ -96,3 +96,14 @@ def test_dsb_split_reads_both_folders_as_one_dataset(shared_data):
     dataset = load_dataset(shared_data, "dsb2018")
     for name in LISTS:
         read_split_file(SPLITS / "dsb2018-type" / "1-16" / "seed0" / f"{name}.txt", dataset)  # every name resolves
+
+
+def test_the_lab_track_is_monuseg_1_16_without_its_unlabeled_tiles():
+    for seed in (0, 1, 2):
+        lab, full = SPLITS / "monuseg-lab" / "1-16" / f"seed{seed}", SPLITS / "monuseg" / "1-16" / f"seed{seed}"
+        assert (lab / "unlabeled.txt").read_text() == ""
+        for name in ("labeled.txt", "val.txt", "test.txt"):
+            assert (lab / name).read_text() == (full / name).read_text()
+    target = (SPLITS / "dsb2018-type" / "unlabeled-tissue.txt").read_text().split()
+    assert set(target) <= set((SPLITS / "dsb2018-type" / "1-16" / "seed0" / "unlabeled.txt").read_text().split())
+    assert not set(target) & set((SPLITS / "dsb2018-type" / "test-tissue.txt").read_text().split())
