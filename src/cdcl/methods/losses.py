@@ -2,7 +2,8 @@
 dense contrastive loss with its memory bank (PAPER.md, "Losses").
 
 Tensors in, tensors out: nothing here knows a model, a data set or a config. No function calls ``.item()``; the
-only host synchronisations are the ones a variable number of sampled pixels needs (``nonzero``).
+only host synchronisations are the ones variable sizes need: the number of sampled pixels (``nonzero``) and, in
+the contrastive loss, the anchors and negatives of each label (``cdcl.methods.infonce.negative_blocks``).
 """
 
 from __future__ import annotations
@@ -270,12 +271,13 @@ def cross_patch_contrastive(
 
     Anchors: student embeddings of valid pixels in anchor patches (FC <= bdp or FC >= fdp; every valid pixel when
     ``patch_filter`` is False), labels and FC from the student's (release) or teacher's prediction
-    (``anchor_source``); ``num_anchors`` of them sampled (<= 0: all). Positive: the teacher embedding at the same
-    pixel (no gradient). Before the loss, the bank receives ``num_bank_samples`` (<= 0: all) detached student
-    entries with student labels/FC and as many teacher entries with teacher labels/FC, so negatives come from
-    other patches and images of this batch and from the ``bank.capacity`` earlier iterations; without a bank
-    only this iteration's entries are used. ``patch_filter`` False also drops the FC rule on negatives (plain
-    dense pixel contrast, the ablation).
+    (``anchor_source``); ``num_anchors`` of them sampled (<= 0, or more than there are: all, exact mode).
+    Positive: the teacher embedding at the same pixel (no gradient). Before the loss, the bank receives
+    ``num_bank_samples`` (<= 0, or more than the valid pixels: all) detached student entries with student
+    labels/FC and as many teacher entries with teacher labels/FC, so negatives come from other patches and images
+    of this batch and from the ``bank.capacity`` earlier iterations (capacity 0 or no bank: this iteration's
+    entries only). ``patch_filter`` False also drops the FC rule on negatives (plain dense pixel contrast, the
+    ablation).
 
     Returns the mean over anchors (0, attached to the graph, when there is none) and tensor stats:
     ``n_anchors``, ``n_negatives`` (mean per anchor), ``bank_size``.
