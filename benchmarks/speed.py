@@ -35,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 import cdcl.methods.cdcl as cdcl_method  # noqa: E402
 from cdcl.config import Config, load_config  # noqa: E402
 from cdcl.inference.window import pad_to, sliding_window_probability, window_layout  # noqa: E402
-from cdcl.instances.postprocess import PostprocessParams, instances_from_probability  # noqa: E402
+from cdcl.instances.postprocess import PostprocessParams, instances_from_maps  # noqa: E402
 from cdcl.io import write_json_atomic, write_text_atomic  # noqa: E402
 from cdcl.methods import build_method  # noqa: E402
 from cdcl.methods.infonce import InfoNCE  # noqa: E402
@@ -381,7 +381,7 @@ def bench_inference(checkpoint: str | None, image_name: str | None, repeats: int
         sliding_s.append(seconds(sliding))
         bare_s.append(seconds(bare))
     prob = sliding()
-    post_s = [seconds(lambda: instances_from_probability(prob, params)) for _ in range(repeats)]
+    post_s = [seconds(lambda: instances_from_maps(prob, params)) for _ in range(repeats)]
     whole = (0, 0, image.shape[1], image.shape[0])
     tile_s = [seconds(lambda: tile_nuclei_json(prob, image, params, whole, whole, 1.0)) for _ in range(repeats)]
     megapixels = image.shape[0] * image.shape[1] / 1e6
@@ -406,7 +406,7 @@ def bench_inference(checkpoint: str | None, image_name: str | None, repeats: int
         "sliding_over_bare_throughput": bare_min / sliding_min,
         "seconds_wsi_tile_postprocess_all": tile_s,
         "seconds_wsi_tile_postprocess": min(tile_s),
-        "nuclei": int(instances_from_probability(prob, params).max()),
+        "nuclei": int(instances_from_maps(prob, params).max()),
         "postprocess_params": params.to_dict(),
         "megapixels_per_s_end_to_end": megapixels / (sliding_min + post_min),
     }
@@ -518,7 +518,7 @@ def markdown(r: dict) -> str:
         f"{i['megapixels_per_s_bare_forward']:.3f} |",
         f"| sliding_window_probability | {i['seconds_sliding_window']:.2f} | "
         f"{i['megapixels_per_s_sliding_window']:.3f} |",
-        f"| instances_from_probability | {i['seconds_postprocess']:.2f} | - |",
+        f"| instances_from_maps | {i['seconds_postprocess']:.2f} | - |",
         f"| predict-wsi's per-tile post-processing (`tile_nuclei_json`: instances, measurements, polygons, "
         f"JSON) | {i['seconds_wsi_tile_postprocess']:.2f} | - |",
         f"| sliding window + post-processing | {i['seconds_sliding_window'] + i['seconds_postprocess']:.2f} | "
