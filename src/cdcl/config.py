@@ -145,9 +145,9 @@ class MethodConfig:
     patch_filter: bool = True  # only background/foreground-dominant patches give anchors
     pseudo_label_filter: bool = True  # only teacher-confident pixels become anchors and bank entries
     use_bank: bool = True  # cross-iteration memory bank; False = negatives from the current batch only
-    bank_capacity: int = 4  # earlier iterations kept in the memory bank, besides the current one
-    num_anchors: int = 1024  # anchors sampled per step (<= 0: every anchor pixel, exact mode)
-    num_bank_samples: int = 2048  # student and teacher entries each pushed per step (<= 0: all)
+    bank_capacity: int = 4  # earlier iterations kept in the memory bank, besides the current one (0: current only)
+    num_anchors: int = 1024  # anchors sampled per step (<= 0, or more than the step has: all of them, exact mode)
+    num_bank_samples: int = 2048  # student and teacher entries each pushed per step (<= 0, or more than there are: all)
     anchor_source: AnchorSource = "student"  # labels/ratios of anchors from the "student" (release) or "teacher"
     use_consistency: bool = True
     use_entropy: bool = True

@@ -2,7 +2,8 @@
 dense contrastive loss with its memory bank (PAPER.md, "Losses").
 
 Tensors in, tensors out: nothing here knows a model, a data set or a config. No function calls ``.item()``; the
-only host synchronisations are the ones a variable number of sampled pixels needs (``nonzero``).
+only host synchronisations are the ones variable sizes need: the number of sampled pixels (``nonzero``) and, in
+the contrastive loss, the anchors and negatives of each label (``cdcl.methods.infonce.negative_blocks``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
+from cdcl.methods.infonce import InfoNCE, negative_blocks
 from cdcl.vocab import ANCHOR_SOURCES, spoken
 
 FC_TOLERANCE = 1e-6
@@ -107,37 +108,6 @@ def patch_foreground_ratio(labels: Tensor, grid: int) -> Tensor:
     return ratio[:, row_part][:, :, col_part]
 
 
-def _negative_mask(
-    anchor_labels: Tensor, bank_labels: Tensor, anchor_fc: Tensor, bank_fc: Tensor, limit: float
-) -> Tensor:
-    """(n, M) bool: bank entry j is a negative of anchor i (different label and ``fc_i + fc_j <= limit``)."""
-    fc_room = (limit + FC_TOLERANCE) - anchor_fc.float()
-    return (bank_labels[None, :] != anchor_labels[:, None]) & (bank_fc.float()[None, :] <= fc_room[:, None])
-
-
-def _contrastive_chunk(
-    anchors: Tensor,
-    positives: Tensor,
-    bank: Tensor,
-    anchor_labels: Tensor,
-    bank_labels: Tensor,
-    anchor_fc: Tensor,
-    bank_fc: Tensor,
-    temperature: float,
-    limit: float,
-) -> Tensor:
-    """Per-anchor InfoNCE of one chunk, in float32 (or float64) whatever the autocast state."""
-    dtype = torch.promote_types(anchors.dtype, torch.float32)
-    with torch.autocast(device_type=anchors.device.type, enabled=False):
-        scaled = anchors.to(dtype) / temperature
-        positive = (scaled * positives.to(dtype)).sum(dim=1, keepdim=True)
-        negative = scaled @ bank.to(dtype).T
-        negative.masked_fill_(~_negative_mask(anchor_labels, bank_labels, anchor_fc, bank_fc, limit), -math.inf)
-        # logsumexp subtracts the row max (the finite positive logit at worst): stable for tiny temperatures, and
-        # exactly 0 for an anchor without negatives, since logsumexp([x]) == x.
-        return torch.logsumexp(torch.cat([positive, negative], dim=1), dim=1) - positive[:, 0]
-
-
 def patch_contrastive_loss(
     anchors: Tensor,
     positives: Tensor,
@@ -161,35 +131,21 @@ def patch_contrastive_loss(
     are not renormalised here.
 
     Shapes: anchors, positives (N,D); bank (M,D); labels (N,), (M,) integers; fc (N,), (M,) floats. Work is
-    done ``chunk_size`` anchors at a time in float32; with several chunks and gradients each chunk is
-    recomputed in the backward pass, so memory stays O(chunk_size * M) in both passes. Gradients reach every
-    input that requires them (normally only ``anchors``).
+    done in float32 (float64 inputs stay float64) whatever the autocast state, in blocks of at most
+    ``chunk_size`` anchors of one label against only the bank columns they need (``cdcl.methods.infonce``).
+    A block's exponentials are kept for the backward pass while all kept ones fit in ``chunk_size * M``
+    elements and are recomputed there otherwise, so memory stays O(chunk_size * M) in both passes. Gradients
+    reach every input that requires them (normally only ``anchors``).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    limit = bdp + fdp
     bank = bank.reshape(-1, anchors.shape[1]) if bank.numel() else bank.new_zeros(0, anchors.shape[1])
-    starts = range(0, anchors.shape[0], chunk_size)
-    recompute = len(starts) > 1 and torch.is_grad_enabled() and any(t.requires_grad for t in (anchors, positives, bank))
-    losses = []
-    for start in starts:
-        rows = slice(start, start + chunk_size)
-        chunk = (
-            anchors[rows],
-            positives[rows],
-            bank,
-            anchor_labels[rows],
-            bank_labels,
-            anchor_fc[rows],
-            bank_fc,
-            temperature,
-            limit,
+    dtype = torch.promote_types(anchors.dtype, torch.float32)
+    blocks = negative_blocks(anchor_labels, bank_labels, anchor_fc, bank_fc, bdp + fdp + FC_TOLERANCE, chunk_size)
+    with torch.autocast(device_type=anchors.device.type, enabled=False):
+        return InfoNCE.apply(
+            anchors.to(dtype), positives.to(dtype), bank.to(dtype), blocks, temperature, chunk_size * bank.shape[0]
         )
-        if recompute:
-            losses.append(checkpoint(_contrastive_chunk, *chunk, use_reentrant=False, preserve_rng_state=False))
-        else:
-            losses.append(_contrastive_chunk(*chunk))
-    return torch.cat(losses) if losses else anchors.new_zeros(0)
 
 
 @torch.no_grad()
@@ -204,17 +160,10 @@ def count_negatives(
     chunk_size: int = 1024,
 ) -> Tensor:
     """Number of negatives (N,) of each anchor under ``patch_contrastive_loss``'s rule, for logging."""
-    counts = [
-        _negative_mask(
-            anchor_labels[start : start + chunk_size],
-            bank_labels,
-            anchor_fc[start : start + chunk_size],
-            bank_fc,
-            bdp + fdp,
-        ).sum(dim=1)
-        for start in range(0, anchor_labels.shape[0], chunk_size)
-    ]
-    return torch.cat(counts) if counts else anchor_labels.new_zeros(0)
+    counts = anchor_labels.new_zeros(anchor_labels.shape, dtype=torch.long)
+    for block in negative_blocks(anchor_labels, bank_labels, anchor_fc, bank_fc, bdp + fdp + FC_TOLERANCE, chunk_size):
+        counts[block.rows] = block.counts
+    return counts
 
 
 class MemoryBank:
@@ -322,12 +271,13 @@ def cross_patch_contrastive(
 
     Anchors: student embeddings of valid pixels in anchor patches (FC <= bdp or FC >= fdp; every valid pixel when
     ``patch_filter`` is False), labels and FC from the student's (release) or teacher's prediction
-    (``anchor_source``); ``num_anchors`` of them sampled (<= 0: all). Positive: the teacher embedding at the same
-    pixel (no gradient). Before the loss, the bank receives ``num_bank_samples`` (<= 0: all) detached student
-    entries with student labels/FC and as many teacher entries with teacher labels/FC, so negatives come from
-    other patches and images of this batch and from the ``bank.capacity`` earlier iterations; without a bank
-    only this iteration's entries are used. ``patch_filter`` False also drops the FC rule on negatives (plain
-    dense pixel contrast, the ablation).
+    (``anchor_source``); ``num_anchors`` of them sampled (<= 0, or more than there are: all, exact mode).
+    Positive: the teacher embedding at the same pixel (no gradient). Before the loss, the bank receives
+    ``num_bank_samples`` (<= 0, or more than the valid pixels: all) detached student entries with student
+    labels/FC and as many teacher entries with teacher labels/FC, so negatives come from other patches and images
+    of this batch and from the ``bank.capacity`` earlier iterations (capacity 0 or no bank: this iteration's
+    entries only). ``patch_filter`` False also drops the FC rule on negatives (plain dense pixel contrast, the
+    ablation).
 
     Returns the mean over anchors (0, attached to the graph, when there is none) and tensor stats:
     ``n_anchors``, ``n_negatives`` (mean per anchor), ``bank_size``.
