@@ -3,7 +3,8 @@
 A checkpoint is a ``torch.save`` dict of tensors and plain Python values only, always loaded with
 ``weights_only=True``: a file whose pickle would construct arbitrary objects (and so could run a command)
 is refused. It carries the resolved config, the weights to predict with, the tuned post-processing
-thresholds and the training resolution (StarDist's config/thresholds idea, TIAToolbox's bound resolution).
+thresholds, the training resolution and the training nuclei's median diameter (StarDist's config/thresholds
+idea, TIAToolbox's bound resolution).
 This module is file I/O only; the model a checkpoint rebuilds is ``cdcl.inference.predictor``'s business.
 """
 
@@ -29,13 +30,14 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
         torch.save(payload, tmp)
 
 
-LEAN_KEYS = ("cdcl_version", "config", "step", "complete", "best", "postprocess", "mpp")
+LEAN_KEYS = ("cdcl_version", "config", "step", "complete", "best", "postprocess", "mpp", "nucleus_diameter")
 """What a prediction-only checkpoint keeps besides the weights it predicts with."""
 
 
 def lean_payload(payload: dict[str, Any], half: bool = False) -> dict[str, Any]:
     """Only what prediction needs: the weights ``predict_with`` names (no optimizer, no second model), the config,
-    thresholds and resolution. ``half`` stores floating-point weights as float16 (they load back as float32)."""
+    thresholds, resolution and nucleus size. ``half`` stores floating-point weights as float16 (they load back as
+    float32)."""
     key = payload.get("predict_with", "student")
     try:
         state = payload["weights"][key]

@@ -38,3 +38,7 @@ def spoken(names: tuple[str, ...], quote: str = "") -> str:
     """``names`` as a message lists them: ``a, b or c`` (each between ``quote``)."""
     quoted = [f"{quote}{name}{quote}" for name in names]
     return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
+TtaMode = Literal["none", "flips", "dihedral"]  # infer.tta / --tta: which flips and 90-degree rotations are averaged
+TTA_MODES: tuple[str, ...] = get_args(TtaMode)

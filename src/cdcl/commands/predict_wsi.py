@@ -35,7 +35,7 @@ def _file_key(path: str | Path) -> dict[str, Any] | None:
 def run(args: argparse.Namespace) -> int:
     paths = collect_inputs(args.slides, SLIDE_SUFFIXES, "slides")
     checkpoint = _file_key(args.checkpoint)  # the file loaded now, whatever becomes of it during a long batch
-    predictor = load_predictor(args.checkpoint, device=args.device, batch_size=args.batch_size)
+    predictor = load_predictor(args.checkpoint, device=args.device, batch_size=args.batch_size, tta=args.tta)
     if _file_key(args.checkpoint) != checkpoint:
         raise CdclError(
             "the checkpoint changed while it was being loaded (a training run saving it?); run again", args.checkpoint
@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
             "mpp": reader.mpp,
             "device": predictor.device.type,
             "amp": predictor.amp,
-        }  # a resumed run must not mix GPU and CPU tiles
+            "tta": predictor.tta,
+        }  # a resumed run must not mix GPU and CPU tiles, nor augmented and plain ones
         summary = predict_slide(
             predictor,
             reader,

@@ -16,10 +16,11 @@ import torch
 from cdcl.checkpoint import load_checkpoint
 from cdcl.config import Config, config_from_dict
 from cdcl.errors import CdclError, squashed
-from cdcl.inference.window import sliding_window_probability, windows_per_batch
+from cdcl.inference.window import MULTIPLE, sliding_window_probability, windows_per_batch
 from cdcl.instances.postprocess import PostprocessParams, instances_from_maps
 from cdcl.models import build_model
 from cdcl.runtime import resolve_device
+from cdcl.vocab import TTA_MODES, spoken
 
 
 @dataclass
@@ -35,6 +36,8 @@ class Predictor:
     batch_size: int
     amp: bool
     config: Config
+    tta: str = "none"  # cdcl.vocab.TTA_MODES
+    nucleus_diameter: float | None = None  # median training nucleus diameter, px at ``mpp`` (--mpp auto)
 
     def window_options(self) -> dict[str, Any]:
         """How the model runs over an image: the keyword options of ``cdcl.inference.window.start_probability``."""
@@ -44,6 +47,7 @@ class Predictor:
             "batch_size": self.batch_size,
             "device": self.device,
             "amp": self.amp,
+            "tta": self.tta,
         }
 
 
@@ -67,15 +71,28 @@ def model_from_checkpoint(payload: dict[str, Any], path: str | Path, weights: st
     return model
 
 
-def load_predictor(path: str | Path, device: str = "auto", batch_size: int | None = None) -> Predictor:
+def load_predictor(
+    path: str | Path, device: str = "auto", batch_size: int | None = None, tta: str | None = None
+) -> Predictor:
     """Build a ready-to-run ``Predictor`` from a checkpoint file; ``batch_size``: windows per forward pass (None:
-    :func:`cdcl.inference.window.windows_per_batch`)."""
+    :func:`cdcl.inference.window.windows_per_batch`); ``tta``: a :data:`cdcl.vocab.TTA_MODES` (None: the
+    checkpoint's ``infer.tta``)."""
     payload = load_checkpoint(path)
     try:
         config = config_from_dict(payload["config"])
         params = PostprocessParams.from_dict(payload.get("postprocess") or {})
     except (KeyError, ValueError, TypeError, CdclError) as exc:
         raise CdclError(f"checkpoint metadata is invalid ({exc})", path) from None
+    window = config.infer.window
+    if window <= 0 or window % MULTIPLE:  # a stored config is rebuilt unchecked
+        raise CdclError(
+            f"the checkpoint's window (infer.window {window}) does not fit the model: it must be a positive "
+            f"multiple of {MULTIPLE} in every orientation (plain or --tta)",
+            path,
+        )
+    tta = config.infer.tta if tta is None else tta
+    if tta not in TTA_MODES:
+        raise CdclError(f"unknown test-time augmentation '{tta}' (infer.tta): choose {spoken(TTA_MODES)}", path)
     dev = resolve_device(device)
     model = model_from_checkpoint(payload, path).to(dev).eval()
     return Predictor(
@@ -83,11 +100,13 @@ def load_predictor(path: str | Path, device: str = "auto", batch_size: int | Non
         device=dev,
         postprocess=params,
         mpp=config.data.mpp,
-        window=config.infer.window,
+        window=window,
         overlap=config.infer.overlap,
         batch_size=windows_per_batch(batch_size, config.infer.batch_size, dev),
         amp=config.train.amp and dev.type == "cuda",
         config=config,
+        tta=tta,
+        nucleus_diameter=payload.get("nucleus_diameter"),
     )
 
 

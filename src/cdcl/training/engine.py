@@ -35,6 +35,7 @@ from cdcl.data.splits import read_split_file
 from cdcl.errors import CdclError, squashed
 from cdcl.inference.window import foreground_of, sliding_window_probability, windows_per_batch
 from cdcl.instances.postprocess import PostprocessParams, instances_from_maps, tune_params
+from cdcl.instances.sizes import median_diameter
 from cdcl.io import complete_lines, ensure_writable_dir, remove_leftover_temporaries, write_text_atomic
 from cdcl.methods import build_method
 from cdcl.methods.losses import ema_alpha
@@ -224,6 +225,8 @@ class Trainer:
             ensure_writable_dir(self.out)
         self.method = build_method(config.method, config.model.instances)
         self.splits = load_splits(config, self.method.uses_unlabeled)
+        # the training nuclei's median diameter (px at data.mpp): what `--mpp auto` compares predicted nuclei to
+        self.nucleus_diameter = median_diameter(it.instances for it in self.splits.labeled)
         self.student = build_model(config.model).to(device)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.optimizer = build_optimizer(self.student, config)
@@ -251,6 +254,7 @@ class Trainer:
             "skipped": self.skipped,
             "postprocess": self.postprocess,
             "mpp": cfg.data.mpp,
+            "nucleus_diameter": self.nucleus_diameter,
         }
 
     def save(self, name: str) -> None:
