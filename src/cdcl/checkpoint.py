@@ -3,8 +3,8 @@
 A checkpoint is a ``torch.save`` dict of tensors and plain Python values only, always loaded with
 ``weights_only=True``: a file whose pickle would construct arbitrary objects (and so could run a command)
 is refused. It carries the resolved config, the weights to predict with, the tuned post-processing
-thresholds, the training resolution and the training nuclei's median diameter (StarDist's config/thresholds
-idea, TIAToolbox's bound resolution).
+thresholds, the training resolution and the training nuclei's size (StarDist's config/thresholds idea,
+TIAToolbox's bound resolution).
 This module is file I/O only; the model a checkpoint rebuilds is ``cdcl.inference.predictor``'s business.
 """
 
@@ -30,7 +30,17 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
         torch.save(payload, tmp)
 
 
-LEAN_KEYS = ("cdcl_version", "config", "step", "complete", "best", "postprocess", "mpp", "nucleus_diameter")
+LEAN_KEYS = (
+    "cdcl_version",
+    "config",
+    "step",
+    "complete",
+    "best",
+    "postprocess",
+    "mpp",
+    "nucleus_diameter",
+    "predicted_nucleus_diameter",
+)
 """What a prediction-only checkpoint keeps besides the weights it predicts with."""
 
 

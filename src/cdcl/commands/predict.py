@@ -18,7 +18,7 @@ from tqdm import tqdm
 from cdcl.data.images import IMAGE_SUFFIXES, read_image
 from cdcl.errors import CdclError
 from cdcl.inference.predictor import Predictor, load_predictor
-from cdcl.inference.resolution import check_request, predict_at
+from cdcl.inference.resolution import check_request, log_estimates, predict_at
 from cdcl.instances.export import nuclei_polygons, nuclei_table, write_csv, write_geojson, write_label_map
 from cdcl.io import collect_inputs, ensure_writable_dir, save_png
 from cdcl.viz import overlay_contours
@@ -59,11 +59,13 @@ def predict_files(
 ) -> int:
     """Predict and export every image (``mpp``: see :func:`cdcl.inference.resolution.predict_at`); returns the
     total number of nuclei."""
-    total = 0
+    total, scales = 0, []
     for path in tqdm(images, desc="predict", unit="image", disable=None):
         image = read_image(path)
-        labels = predict_at(predictor, image, mpp, path.name)
+        labels, scale = predict_at(predictor, image, mpp, path.name)
+        scales.append(scale)
         total += write_outputs(out_dir, path.stem, image, labels, formats)
+    log_estimates(predictor, mpp, scales)
     return total
 
 

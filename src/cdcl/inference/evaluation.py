@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from cdcl.errors import CdclError
 from cdcl.inference.predictor import Predictor
-from cdcl.inference.resolution import predict_at
+from cdcl.inference.resolution import log_estimates, predict_at
 from cdcl.io import ensure_writable_dir, save_png
 from cdcl.metrics import SCORE_KEYS, aggregate, evaluate_pair
 from cdcl.viz import GT_COLOUR, PRED_COLOUR, overlay_contours
@@ -43,7 +43,7 @@ def evaluate_items(
         raise CdclError("nothing to evaluate: the item list is empty", out_dir)
     stage = Path(tempfile.mkdtemp(prefix=".evaluate-", dir=out_dir))
     try:
-        rows = []
+        rows, scales = [], []
         for item in tqdm(items, desc="evaluate", unit="image", disable=None if progress is None else not progress):
             gt = item.instances
             if gt is None:
@@ -51,7 +51,8 @@ def evaluate_items(
             image = item.image
             if gt.shape != image.shape[:2]:
                 raise CdclError(f"mask size {gt.shape} differs from image size {image.shape[:2]}", item.image_path)
-            pred = predict_at(predictor, image, mpp, item.name)
+            pred, scale = predict_at(predictor, image, mpp, item.name)
+            scales.append(scale)
             scores = evaluate_pair(gt, pred)
             rows.append({"name": item.name, **scores})
             if overlays:
@@ -59,6 +60,7 @@ def evaluate_items(
                     stage / "overlays" / f"{_safe(item.name)}.png",
                     overlay_contours(image, [(gt, GT_COLOUR), (pred, PRED_COLOUR)]),
                 )
+        log_estimates(predictor, mpp, scales)
         result = aggregate([{k: v for k, v in r.items() if k != "name"} for r in rows])
         result["postprocess"] = predictor.postprocess.to_dict()
         result["legend"] = {"ground_truth": "green", "prediction": "yellow"}

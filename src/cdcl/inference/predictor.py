@@ -37,7 +37,7 @@ class Predictor:
     amp: bool
     config: Config
     tta: str = "none"  # cdcl.vocab.TTA_MODES
-    nucleus_diameter: float | None = None  # median training nucleus diameter, px at ``mpp`` (--mpp auto)
+    nucleus_diameter: float | None = None  # training nuclei's size, px at ``mpp`` (--mpp auto; see load_predictor)
 
     def window_options(self) -> dict[str, Any]:
         """How the model runs over an image: the keyword options of ``cdcl.inference.window.start_probability``."""
@@ -76,7 +76,8 @@ def load_predictor(
 ) -> Predictor:
     """Build a ready-to-run ``Predictor`` from a checkpoint file; ``batch_size``: windows per forward pass (None:
     :func:`cdcl.inference.window.windows_per_batch`); ``tta``: a :data:`cdcl.vocab.TTA_MODES` (None: the
-    checkpoint's ``infer.tta``)."""
+    checkpoint's ``infer.tta``). The nucleus size ``--mpp auto`` aims at is the model's own, measured on its val
+    predictions at the end of training, when stored (its bias then cancels), else the labeled masks'."""
     payload = load_checkpoint(path)
     try:
         config = config_from_dict(payload["config"])
@@ -106,7 +107,7 @@ def load_predictor(
         amp=config.train.amp and dev.type == "cuda",
         config=config,
         tta=tta,
-        nucleus_diameter=payload.get("nucleus_diameter"),
+        nucleus_diameter=payload.get("predicted_nucleus_diameter") or payload.get("nucleus_diameter"),
     )
 
 

@@ -3,15 +3,20 @@ instance map scaled back (nearest neighbour) to the image's own size, so outputs
 image's pixels.
 
 The image's resolution is given (``--mpp X``: microns per pixel) or estimated (``--mpp auto``): a first pass at
-the image's own pixels measures the median predicted nucleus diameter (``cdcl.instances.sizes``); the ratio of
-the training set's median (stored in the checkpoint at training start) to it is the scale to apply; a second
-pass predicts at that scale. A model sees nuclei of the size it learned; on MoNuSeg rescaled 0.5x-2x the
-estimate's error is measured by ``benchmarks/resolution.py``.
+the image's own pixels measures the predicted nucleus diameter (``cdcl.instances.sizes``) and compares it with
+the training nuclei's (stored in the checkpoint at training start); the image is rescaled by their ratio and
+predicted again. A model run at the wrong scale pulls the nuclei it finds towards the size it learned, so one
+ratio under-corrects (on MoNuSeg 2x, nuclei measured 1.5x): each further pass measures again, and from the
+last two passes a secant step in log scale (how much the measured size followed the rescaling) aims at the
+scale where the nuclei have the training size; the passes stop when a step is within ``RESIDUAL_TOLERANCE``
+or after ``AUTO_PASSES``. The estimate's error on MoNuSeg rescaled 0.5x-2x is measured by
+``benchmarks/resolution.py``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +25,15 @@ from skimage.segmentation import relabel_sequential
 
 from cdcl.errors import CdclError
 from cdcl.inference.predictor import Predictor, predict_instances
-from cdcl.instances.sizes import median_diameter
+from cdcl.instances.sizes import nucleus_diameter
 from cdcl.ranges import MAX_UPSAMPLING, RESIDUAL_TOLERANCE
 
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
 """``--mpp auto``: estimate each image's scale from its predicted nucleus size."""
+AUTO_PASSES = 4  # the most predictions ``--mpp auto`` makes of one image
+RESPONSE = (0.5, 1.0)  # the secant's slope (log measured size per log rescale) is kept within this range
 
 
 def check_request(predictor: Predictor, mpp: float | str | None, checkpoint: str | Path | None = None) -> None:
@@ -86,29 +93,59 @@ def instances_at_scale(predictor: Predictor, image: np.ndarray, scale: float) ->
     return resize_labels(labels, image.shape[:2])
 
 
-def estimate_scale(labels: np.ndarray, trained_diameter: float) -> float | None:
-    """The factor that gives the nuclei of ``labels`` the training median diameter (``trained_diameter`` px);
-    None when too few nuclei are measured."""
-    diameter = median_diameter([labels])
-    return None if diameter is None else trained_diameter / diameter
-
-
-def predict_at(predictor: Predictor, image: np.ndarray, mpp: float | str | None, name: str = "") -> np.ndarray:
-    """Instance labels of ``image`` (at its size), predicted at the model's resolution: ``mpp`` is the image's
-    microns per pixel, ``auto`` (estimated, see the module) or None (the image's own pixels). Call
-    :func:`check_request` first."""
-    if mpp is None:
-        return predict_instances(predictor, image)[1]
-    if mpp != AUTO:
-        return instances_at_scale(predictor, image, scale_for(float(mpp), predictor.mpp))
-    labels = predict_instances(predictor, image)[1]
-    scale = estimate_scale(labels, predictor.nucleus_diameter)
-    if scale is None:
-        log.warning("%s: too few nuclei to estimate the resolution; predicted at its own pixels", name or "image")
-        return labels
-    scale = float(np.clip(scale, 1 / MAX_UPSAMPLING, MAX_UPSAMPLING))
+def auto_instances(predictor: Predictor, image: np.ndarray, name: str = "") -> tuple[np.ndarray, float]:
+    """``--mpp auto`` (see the module): the instance labels of ``image`` at its size, and the scale they were
+    predicted at (1.0: the image's own pixels)."""
+    scale, labels = 1.0, predict_instances(predictor, image)[1]
+    steps: list[tuple[float, float]] = []  # (log scale, log of measured over trained size)
+    for _ in range(AUTO_PASSES - 1):
+        diameter = nucleus_diameter([labels])
+        if diameter is None:
+            log.warning("%s: too few nuclei to estimate the resolution at scale %.3g; kept", name or "image", scale)
+            break
+        steps.append((math.log(scale), math.log(diameter * scale / predictor.nucleus_diameter)))
+        target = float(np.clip(math.exp(next_log_scale(steps)), 1 / MAX_UPSAMPLING, MAX_UPSAMPLING))
+        if abs(target / scale - 1) <= RESIDUAL_TOLERANCE:
+            break
+        scale, labels = target, instances_at_scale(predictor, image, target)
     estimate = "" if predictor.mpp is None else f" (~{predictor.mpp * scale:.3g} microns per pixel)"
-    log.info("%s: nuclei %.2fx the training size%s", name or "image", 1 / scale, estimate)
-    if abs(scale - 1) <= RESIDUAL_TOLERANCE:
-        return labels
-    return instances_at_scale(predictor, image, scale)
+    log.info("%s: predicted at %.3gx%s", name or "image", scale, estimate)
+    return labels, scale
+
+
+def next_log_scale(steps: list[tuple[float, float]]) -> float:
+    """Where the measured size should meet the trained one: the last log scale less its log size ratio over the
+    response slope, taken from the last two steps (1 with one step; kept within ``RESPONSE``)."""
+    log_scale, log_ratio = steps[-1]
+    slope = 1.0
+    if len(steps) > 1 and steps[-1][0] != steps[-2][0]:
+        slope = float(np.clip((log_ratio - steps[-2][1]) / (log_scale - steps[-2][0]), *RESPONSE))
+    return log_scale - log_ratio / slope
+
+
+def predict_at(
+    predictor: Predictor, image: np.ndarray, mpp: float | str | None, name: str = ""
+) -> tuple[np.ndarray, float]:
+    """Instance labels of ``image`` (at its size) predicted at the model's resolution, and the scale used:
+    ``mpp`` is the image's microns per pixel, ``auto`` (estimated, see the module) or None (the image's own
+    pixels). Call :func:`check_request` first."""
+    if mpp is None:
+        return predict_instances(predictor, image)[1], 1.0
+    if mpp == AUTO:
+        return auto_instances(predictor, image, name)
+    scale = scale_for(float(mpp), predictor.mpp)
+    return instances_at_scale(predictor, image, scale), scale
+
+
+def log_estimates(predictor: Predictor, mpp: float | str | None, scales: list[float]) -> None:
+    """After ``--mpp auto`` on several images: their median estimate, the one ``--mpp`` to give images of one
+    scanner (a single tile holds too few nuclei for a precise estimate; ``benchmarks/resolution.py``)."""
+    if mpp != AUTO or len(scales) < 2:
+        return
+    scale = float(np.median(scales))
+    estimate = f"{predictor.mpp * scale:.3g} microns per pixel" if predictor.mpp else f"scale {scale:.3g}"
+    log.info(
+        "--mpp auto: median estimate over %d images: %s (pass it as --mpp for images of one scanner)",
+        len(scales),
+        estimate,
+    )

@@ -35,7 +35,7 @@ from cdcl.data.splits import read_split_file
 from cdcl.errors import CdclError, squashed
 from cdcl.inference.window import foreground_of, sliding_window_probability, windows_per_batch
 from cdcl.instances.postprocess import PostprocessParams, instances_from_maps, tune_params
-from cdcl.instances.sizes import median_diameter
+from cdcl.instances.sizes import nucleus_diameter
 from cdcl.io import complete_lines, ensure_writable_dir, remove_leftover_temporaries, write_text_atomic
 from cdcl.methods import build_method
 from cdcl.methods.losses import ema_alpha
@@ -225,8 +225,8 @@ class Trainer:
             ensure_writable_dir(self.out)
         self.method = build_method(config.method, config.model.instances)
         self.splits = load_splits(config, self.method.uses_unlabeled)
-        # the training nuclei's median diameter (px at data.mpp): what `--mpp auto` compares predicted nuclei to
-        self.nucleus_diameter = median_diameter(it.instances for it in self.splits.labeled)
+        # the training nuclei's typical diameter (px at data.mpp): what `--mpp auto` compares predicted nuclei to
+        self.nucleus_diameter = nucleus_diameter(it.instances for it in self.splits.labeled)
         self.student = build_model(config.model).to(device)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.optimizer = build_optimizer(self.student, config)
@@ -234,6 +234,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.step, self.best, self.best_step, self.skipped = 0, -1.0, -1, 0
         self.postprocess: dict | None = None
+        self.predicted_diameter: float | None = None  # the same on the best model's val predictions
         self.complete = False
 
     # ---- checkpoints -------------------------------------------------------------------------------
@@ -255,6 +256,7 @@ class Trainer:
             "postprocess": self.postprocess,
             "mpp": cfg.data.mpp,
             "nucleus_diameter": self.nucleus_diameter,
+            "predicted_nucleus_diameter": self.predicted_diameter,
         }
 
     def save(self, name: str) -> None:
@@ -301,6 +303,7 @@ class Trainer:
             payload["best"]["step"] if by in payload["best"] else -1,
         )
         self.postprocess, self.complete = payload.get("postprocess"), payload.get("complete", False)
+        self.predicted_diameter = payload.get("predicted_nucleus_diameter")
         log.info("resuming %s at iteration %d", self.out, self.step)
 
     # ---- logging -------------------------------------------------------------------------------------
@@ -498,8 +501,11 @@ class Trainer:
             probs = predict_probabilities(model, self.splits.val, self.config, self.device)
             params, score = tune_params(probs, [it.instances for it in self.splits.val])
             self.postprocess = params.to_dict()
+            # what `--mpp auto` compares with: the model's own nuclei at the training resolution (its bias cancels)
+            self.predicted_diameter = nucleus_diameter(instances_from_maps(p, params) for p in probs)
             self._log({"iteration": self.step, "val/aji_tuned": score})
             best["postprocess"] = self.postprocess
+            best["predicted_nucleus_diameter"] = self.predicted_diameter
             best["complete"] = True
             save_checkpoint(best_path, lean_payload(best))
         self.complete = True
