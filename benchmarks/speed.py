@@ -155,7 +155,8 @@ def random_batches(seed: int = 0) -> tuple[dict, dict]:
     gen = torch.Generator().manual_seed(seed)
     images = torch.rand(3, BATCH, 3, CROP, CROP, generator=gen)
     labeled = {"image": images[0], "target": torch.randint(0, 2, (BATCH, CROP, CROP), generator=gen)}
-    return labeled, {"weak": images[1], "strong": images[2]}
+    strong2 = torch.rand(BATCH, 3, CROP, CROP, generator=gen)  # UniMatch's second strong view
+    return labeled, {"weak": images[1], "strong": images[2], "strong2": strong2}
 
 
 class Trainer:

@@ -1,4 +1,5 @@
-"""The sweep's bookkeeping: merging results from concurrent runners, the tables and the paired gaps."""
+"""The sweep's bookkeeping: merging results from concurrent runners, the plan, bad selectors, protocol 1 records
+kept apart, the tables, the paired gaps and their intervals."""
 
 from __future__ import annotations
 
@@ -98,8 +99,8 @@ def test_report_keeps_gpu_and_cpu_speeds_apart(quality, tmp_path):
 
 def test_only_prefixes_set_the_order_of_runs(quality):
     keys = [r.key for r in quality.select(quality.plan(), ["dsb2018/1-8/seed1", "monuseg/1-8/seed0/cdcl-no-"])]
-    assert keys[:4] == [f"dsb2018/1-8/seed1/{m}" for m in quality.METHODS]
-    assert keys[4:] == [f"monuseg/1-8/seed0/{name}" for name in quality.ABLATIONS]
+    assert keys[:5] == [f"dsb2018/1-8/seed1/{m}" for m in quality.PLAN_METHODS]
+    assert keys[5:] == [f"monuseg/1-8/seed0/{name}" for name in quality.ABLATIONS]
     assert quality.select(quality.plan(), []) == quality.plan()
 
 
@@ -117,3 +118,90 @@ def test_postprocess_speed_benchmark_checks_old_and_new_agree(tmp_path, shared_d
         m["nuclei"] > 50 and m["seconds"]["old"] > 0 and m["seconds"]["new"] > 0 for m in result["maps"].values()
     )
     assert "| 3 images |" in (tmp_path / "postprocess_speed.md").read_text()
+
+
+def test_plan_seeds_noise_floor_and_cross_dataset_rows(quality):
+    runs = quality.plan()
+    keys = [r.key for r in runs]
+    assert len(keys) == len(set(keys))
+    seeds = {}
+    for r in runs:
+        seeds.setdefault((r.dataset, r.budget, r.name), set()).add(r.train_seed)
+    for method in quality.PLAN_METHODS:
+        assert seeds[("monuseg", "1-32", method)] == seeds[("monuseg", "1-16", method)] == set(range(5))
+        assert seeds[("monuseg", "1-8", method)] == set(range(3))
+        for track in ("monuseg-organ", "dsb2018-type", "monuseg->dsb-tissue", "dsb-fluo->dsb-tissue"):
+            assert seeds[(track, "1-16", method)] == set(range(3))
+    assert seeds[("monuseg", "full", "supervised")] == set(range(3))
+    floor = [r for r in runs if r.name == "noise-floor"]
+    assert [(r.key, r.seed, r.train_seed) for r in floor] == [
+        (f"monuseg/1-16/seed{s}/noise-floor", 0, s) for s in range(5)
+    ]
+    by_key = {r.key: r for r in runs}
+    assert floor[0].run_dir == by_key["monuseg/1-16/seed0/supervised"].run_dir  # one training, not two
+    assert len({r.run_dir for r in floor}) == 5
+    cross = by_key["monuseg->dsb-tissue/1-16/seed2/cdcl"]
+    assert cross.run_dir == by_key["monuseg/1-16/seed2/cdcl"].run_dir and "->" not in str(cross.run_dir)
+
+
+def test_list_works_and_bad_selectors_exit_2_with_one_line():
+    script = [sys.executable, str(REPO / "benchmarks" / "quality.py")]
+    listed = subprocess.run([*script, "--list", "--only", "monuseg/1-32"], capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    assert len(listed.stdout.splitlines()) == 25 and "monuseg/1-32/seed4/unimatch" in listed.stdout
+    for bad, what in [
+        (["--only", "monuseg/1-7"], "unknown budget '1-7'"),
+        (["--only", "monuseg-organs"], "unknown dataset 'monuseg-organs'"),
+        (["--key", "monuseg/1-16/seed0/cdcl2"], "unknown method 'cdcl2'"),
+        (["--key", "dsb2018-type/full/seed0/cdcl"], "no planned run has this key"),
+    ]:
+        done = subprocess.run([*script, "--list", *bad], capture_output=True, text=True)
+        assert done.returncode == 2 and what in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
+
+
+def v2_record(quality, method: str, seed: int, dice: float, aji: float, dataset: str = "monuseg") -> dict:
+    rec = record(method, seed, dice, aji)
+    rec |= {"protocol": 2, "dataset": dataset, "split_seed": seed, "best_checkpoint": {"mean": dict(rec["mean"])}}
+    rec |= {"last_thresholds": "tuned on val for the last weights", "train_command": "cdcl train", "eval_commands": []}
+    return rec | {"settings": {"config": f"configs/monuseg_{method}.yaml", "overrides": []}}
+
+
+def test_protocol1_records_are_kept_and_tabulated_apart(quality, tmp_path):
+    old = record("cdcl", 0, 0.70, 0.50)
+    quality.record_result("monuseg/1-16/seed0/cdcl", old)
+    quality.record_result("monuseg/1-16/seed0/cdcl", v2_record(quality, "cdcl", 0, 0.75, 0.55))
+    results = quality.load_results()
+    assert results["runs"]["monuseg/1-16/seed0/cdcl"] == old
+    assert results["protocol2"]["monuseg/1-16/seed0/cdcl"]["protocol"] == 2
+    quality.report(results)
+    text = (tmp_path / "quality.md").read_text()
+    protocol2, protocol1 = text.split("## Protocol 1")
+    assert "| monuseg | 1/16 | cdcl | 0.750 (n=1) |" in protocol2
+    assert "| monuseg | 1/16 | cdcl | 0.700 (n=1) |" in protocol1
+
+
+def test_a_key_recorded_with_other_settings_is_refused(quality):
+    run = next(r for r in quality.plan() if r.key == "monuseg/1-16/seed1/cdcl")
+    results = {"protocol2": {run.key: {"settings": quality.settings(run, [])}}}
+    quality.refuse_other_settings([run], results, [])  # same settings: the run is just done
+    with pytest.raises(quality.CdclError, match="'monuseg/1-16/seed1/cdcl' is recorded with other settings"):
+        quality.refuse_other_settings([run], results, ["train.iterations=2000"])
+
+
+def test_a_protocol2_record_of_another_protocol_is_refused(quality, tmp_path):
+    (tmp_path / "quality.json").write_text(json.dumps({"runs": {}, "protocol2": {"k": {"protocol": 1}}}))
+    with pytest.raises(quality.CdclError, match="record 'k' under 'protocol2' has protocol 1"):
+        quality.load_results()
+
+
+def test_t_interval_and_paired_gap_rows_on_a_hand_made_example(quality):
+    mean, low, high = quality.t_interval([1.0, 2.0, 3.0])  # sd 1, t(0.975, 2) = 4.302653
+    assert mean == 2.0 and high - mean == pytest.approx(4.302653 / 3**0.5, abs=1e-6) and low == 4.0 - high
+    assert all(x != x for x in quality.t_interval([5.0])[1:])  # one value: no interval (NaN bounds)
+    runs = [v2_record(quality, "supervised", s, 0.70, 0.50) for s in range(3)]
+    runs += [v2_record(quality, "cdcl", s, 0.70 + d, 0.50 + d) for s, d in enumerate((0.01, 0.02, 0.03))]
+    lines = quality.v2_gaps(quality.group({str(i): r for i, r in enumerate(runs)}))
+    assert (
+        lines[2]
+        == "| monuseg | 1/16 | cdcl | supervised | 3 | +2.0 [-0.5, +4.5] | +2.0 [-0.5, +4.5] | +2.0 [-0.5, +4.5] |"
+    )

@@ -118,7 +118,11 @@ def test_resolved_config_round_trips():
         ),
         (ModelConfig, {"fine_channels": 0}, "model.fine_channels must be >= 1"),
         (MethodConfig, {"threshold": 2.0}, "method.threshold must be in [0, 1)"),
-        (MethodConfig, {"name": "x"}, "method.name must be one of supervised, mean_teacher, fixmatch, cdcl, got 'x'"),
+        (
+            MethodConfig,
+            {"name": "x"},
+            "method.name must be one of supervised, mean_teacher, fixmatch, cdcl, unimatch, got 'x'",
+        ),
         (OptimConfig, {"name": "sgd", "momentum": 0.0}, "optim.momentum must be > 0 with optim.name=sgd"),
         (OptimConfig, {"schedule": "step"}, "optim.schedule must be poly, cosine or constant"),
         (TrainConfig, {"select_by": "loss"}, "train.select_by must be 'aji' or 'dice'"),

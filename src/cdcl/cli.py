@@ -18,6 +18,8 @@ from cdcl import __version__
 from cdcl.errors import CdclError
 from cdcl.ranges import check_mpp
 from cdcl.vocab import FORMATS, TTA_MODES
+from cdcl.wsi.cluster import parse_dask, parse_resources
+from cdcl.wsi.shards import parse_shard
 
 N = TypeVar("N", int, float)
 
@@ -310,7 +312,42 @@ def add_predict_wsi(sub: Subparsers) -> None:
     )
     _add_tta(p)
     _add_device(p, batch_size_limit=WSI_LIMITS)
+    p.add_argument(
+        "--shard",
+        type=parse_shard,
+        default=None,
+        metavar="K/N",
+        help="predict only the K-th of N stable shares of the sorted slide list (one job of a job array each, "
+        "e.g. K=$SLURM_ARRAY_TASK_ID); all N may write one --out",
+    )
+    p.add_argument(
+        "--dask",
+        type=parse_dask,
+        default=None,
+        metavar="SCHEDULER",
+        help="one task per slide on a Dask cluster: its scheduler's address (tcp://host:8786), or local:N for N "
+        "worker processes here (needs pip install 'cdcl[cluster]')",
+    )
+    p.add_argument(
+        "--resources",
+        type=parse_resources,
+        default=None,
+        metavar="NAME=N",
+        help="Dask worker resources each slide's task takes, e.g. GPU=1 (with --dask)",
+    )
     p.set_defaults(handler="cdcl.commands.predict_wsi:run")
+
+
+def add_cohort(sub: Subparsers) -> None:
+    p = sub.add_parser("cohort", help="one table of the slides in a predict-wsi output folder, and a histogram")
+    p.add_argument("out", metavar="OUT_DIR", help="a folder `cdcl predict-wsi` writes or wrote")
+    p.add_argument(
+        "slides",
+        nargs="*",
+        metavar="SLIDE",
+        help="the slide files or folders of the cohort: those without any output are listed as missing",
+    )
+    p.set_defaults(handler="cdcl.commands.cohort:run")
 
 
 SUBCOMMANDS = (
@@ -323,6 +360,7 @@ SUBCOMMANDS = (
     add_export,
     add_predict,
     add_predict_wsi,
+    add_cohort,
 )
 
 

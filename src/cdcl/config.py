@@ -34,6 +34,8 @@ from cdcl.vocab import (
     OPTIMIZERS,
     SCHEDULES,
     SELECT_BY,
+    STAIN_NORMS,
+    STRONG_VIEWS,
     TTA_MODES,
     AnchorSource,
     DatasetFormat,
@@ -43,6 +45,7 @@ from cdcl.vocab import (
     OptimizerName,
     ScheduleName,
     SelectBy,
+    StainNorm,
     TtaMode,
     spoken,
 )
@@ -74,15 +77,21 @@ class DataConfig:
     root: str = ""  # dataset folder; relative paths are taken from the current directory
     format: DatasetFormat = "folder"  # cdcl.vocab.FORMATS: folder | monuseg | dsb2018
     split_dir: str = ""  # folder with labeled.txt, unlabeled.txt, val.txt (written by `cdcl split`)
+    unlabeled_root: str = ""  # a folder of unannotated images (images/, e.g. from `cdcl tiles`), all added as unlabeled
     mpp: float | None = None  # microns per pixel of the training images, stored for slide inference
     batch_size: int = 8  # labeled images per step
     unlabeled_batch_size: int = 8  # unlabeled images per step (semi-supervised methods)
     num_workers: int = 2
+    stain_norm: StainNorm = "none"  # cdcl.vocab.STAIN_NORMS: recolour every image to the labeled images' stain
 
     def __post_init__(self) -> None:
         _require(
             [
                 (self.num_workers >= 0, "data.num_workers must be >= 0"),
+                (
+                    self.stain_norm in STAIN_NORMS,
+                    f"data.stain_norm '{self.stain_norm}' is not {spoken(STAIN_NORMS, quote=chr(39))}",
+                ),
                 (self.format in FORMATS, f"data.format '{self.format}' is not {spoken(FORMATS)}"),
                 (self.batch_size >= 1 and self.unlabeled_batch_size >= 1, "data batch sizes must be >= 1"),
             ]
@@ -123,7 +132,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: MethodName = "supervised"  # cdcl.vocab.METHODS: supervised | mean_teacher | fixmatch | cdcl
+    name: MethodName = "supervised"  # cdcl.vocab.METHODS: supervised | mean_teacher | fixmatch | cdcl | unimatch
     ema_decay: float = 0.99  # teacher = EMA of the student, alpha_t = min(1 - 1/(t+1), ema_decay)
     warmup_iters: int = 200  # supervised-only iterations before unlabeled terms start (paper: epoch_semi)
     ramp_iters: int = 400  # sigmoid ramp-up length of the consistency weight, counted after warm-up
@@ -148,6 +157,9 @@ class MethodConfig:
     boundary_weight: float = 3.0  # cross-entropy weight of the thin boundary class (model.instances=three_class)
     instance_consistency: bool = True  # consistency on the instance channels too (boundary class, distance map)
     contrast_boundary: bool = False  # cdcl: boundary pixels are their own contrastive label (three_class)
+    strong_views: int = 2  # unimatch: strong views per unlabeled image (1 or 2), each its own photometric draw
+    feature_dropout: float = 0.5  # unimatch: channel dropout of the feature-perturbation stream; 0 = stream off
+    cutmix_prob: float = 0.5  # unimatch: chance a strong view gets a box of another unlabeled image (CutMix)
 
     def __post_init__(self) -> None:
         _require(
@@ -170,6 +182,14 @@ class MethodConfig:
                 (0.0 <= self.ema_decay < 1.0, "method.ema_decay must be in [0, 1)"),
                 (self.temperature > 0, "method.temperature must be > 0"),
                 (self.grid >= 1, "method.grid must be >= 1"),
+                (
+                    1 <= self.strong_views <= len(STRONG_VIEWS),
+                    f"method.strong_views must be in [1, {len(STRONG_VIEWS)}]",
+                ),
+                (
+                    0.0 <= self.feature_dropout < 1.0 and 0.0 <= self.cutmix_prob <= 1.0,
+                    "method.feature_dropout must be in [0, 1) and method.cutmix_prob in [0, 1]",
+                ),
                 (
                     self.anchor_source in ANCHOR_SOURCES,
                     f"method.anchor_source must be {spoken(ANCHOR_SOURCES, quote=chr(39))}",

@@ -135,3 +135,15 @@ def plot_comparison_grid(image: np.ndarray, panels: list[tuple[str, np.ndarray]]
         ax.set_axis_off()
     fig.tight_layout()
     _save_figure(fig, path)
+
+
+def plot_histogram(values: list[float], path: str | Path, xlabel: str, title: str) -> None:
+    """A histogram of ``values`` (an empty one says so in its title rather than failing)."""
+    fig = Figure(figsize=(5, 3.2), dpi=100)
+    ax = fig.add_subplot()
+    ax.hist(values, bins=max(1, min(30, len(values))), color="#6a3d9a")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    ax.set_title(title)
+    fig.tight_layout()
+    _save_figure(fig, path)

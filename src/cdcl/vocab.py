@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-MethodName = Literal["supervised", "mean_teacher", "fixmatch", "cdcl"]
+MethodName = Literal["supervised", "mean_teacher", "fixmatch", "cdcl", "unimatch"]
 METHODS: tuple[str, ...] = get_args(MethodName)
+STRONG_VIEWS: tuple[str, ...] = ("strong", "strong2")  # unlabeled batch keys of the strong views, drawn in order
 
 DatasetFormat = Literal["folder", "monuseg", "dsb2018"]
 FORMATS: tuple[str, ...] = get_args(DatasetFormat)
@@ -33,6 +34,12 @@ EVAL_MODELS: tuple[str, ...] = get_args(EvalModel)
 SelectBy = Literal["aji", "dice"]  # train.select_by: the validation score that picks best.pt
 SELECT_BY: tuple[str, ...] = get_args(SelectBy)
 
+StainNorm = Literal["none", "macenko", "reinhard"]  # data.stain_norm: colour normalisation to the training stain
+STAIN_NORMS: tuple[str, ...] = get_args(StainNorm)
+
+StainAugment = Literal["none", "hed"]  # augment.stain: the extra stain/appearance jitter of the labeled view
+STAIN_AUGMENTS: tuple[str, ...] = get_args(StainAugment)
+
 
 def spoken(names: tuple[str, ...], quote: str = "") -> str:
     """``names`` as a message lists them: ``a, b or c`` (each between ``quote``)."""
@@ -42,3 +49,6 @@ def spoken(names: tuple[str, ...], quote: str = "") -> str:
 
 TtaMode = Literal["none", "flips", "dihedral"]  # infer.tta / --tta: which flips and 90-degree rotations are averaged
 TTA_MODES: tuple[str, ...] = get_args(TtaMode)
+
+CohortStatus = Literal["finished", "running", "failed", "missing"]  # a slide's row in `cdcl cohort`'s table
+COHORT_STATUSES: tuple[str, ...] = get_args(CohortStatus)

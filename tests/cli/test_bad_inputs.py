@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -393,6 +394,16 @@ def test_train_refuses_a_broken_image_read_by_a_worker_process(world, tmp_path, 
     assert_no_checkpoint(run)
 
 
+def test_train_refuses_a_stain_reference_from_blank_tiles(world, tmp_path, record):
+    data = copy_data(world, tmp_path / "data")
+    for stem in (world.split / "labeled.txt").read_text().split():
+        Image.fromarray(np.full((96, 96, 3), 255, np.uint8)).save(image_of(data, stem))
+    run = tmp_path / "run"
+    result = run_cdcl(*world.train_args(run, "data.stain_norm=macenko", data=data))
+    record("train", "data.stain_norm=macenko with blank labeled images", result, "exit 2")
+    assert_refused(result, "labeled.txt", "no stain reference", "too little tissue", out=run)
+
+
 def split_with(tmp_path: Path, world: World, labeled: str) -> Path:
     split = tmp_path / "split"
     shutil.copytree(world.split, split)
@@ -469,6 +480,18 @@ CONFIG_CASES = {
         ["model.pretrained=@TEXT"],
         None,
         ("model.pretrained", "notes.txt"),
+    ),
+    "unknown-stain-norm": (
+        "--set data.stain_norm=vahadane",
+        ["data.stain_norm=vahadane"],
+        None,
+        ("data.stain_norm 'vahadane' is not 'none', 'macenko' or 'reinhard'",),
+    ),
+    "unknown-stain-augment": (
+        "--set augment.stain=strong",
+        ["augment.stain=strong"],
+        None,
+        ("augment", "stain must be 'none' or 'hed'"),
     ),
     "pretrained-download-offline": (
         "model.pretrained=true with no network",
@@ -883,6 +906,46 @@ def test_predict_wsi_refuses_an_unwritable_output(world, tmp_path, record):
     assert_refused(result, "file.txt/out", "cannot create output folder")
 
 
+SPREAD_CASES = {
+    "shard-zero": (["--shard", "0/4"], "--shard 0/4 (shares count from 1)", ("--shard must be K/N", "'0/4'")),
+    "shard-past-count": (["--shard", "5/4"], "--shard 5/4", ("--shard must be K/N", "'5/4'")),
+    "shard-not-a-share": (["--shard", "x"], "--shard x", ("--shard must be K/N", "'x'")),
+    "dask-local-zero": (["--dask", "local:0"], "--dask local:0 (no workers)", ("--dask must be", "'local:0'")),
+    "silent-scheduler": (
+        ["--dask", "tcp://127.0.0.1:9"],
+        "--dask tcp://127.0.0.1:9, where no scheduler listens (Dask's connect timeout set to 3 s; at most 30 s)",
+        ("no Dask scheduler answers at tcp://127.0.0.1:9 within 3 s",),
+    ),
+    "resources-without-dask": (["--resources", "GPU=1"], "--resources GPU=1 without --dask", ("pass --dask too",)),
+}
+
+
+@pytest.mark.parametrize("case", list(SPREAD_CASES))
+def test_predict_wsi_refuses_bad_shards_and_clusters(world, tmp_path, record, case):
+    extra, given, mentions = SPREAD_CASES[case]
+    slide, out = write_slide(tmp_path / "slide.tif"), tmp_path / "out"
+    env = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"}
+    result = run_cdcl(*wsi_args(world.checkpoint, slide, out), *extra, env=env, timeout=60)
+    record("predict-wsi", given, result, "exit 2")
+    assert_refused(result, *mentions, out=out)
+    assert result.seconds < 30
+
+
+def test_predict_wsi_dask_needs_the_cluster_extra(world, tmp_path, record, monkeypatch, capsys):
+    """In-process: ``distributed`` made unimportable, as where the ``cluster`` extra is not installed."""
+    from cdcl.cli import main
+
+    slide, out = write_slide(tmp_path / "slide.tif"), tmp_path / "out"
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    assert main([*wsi_args(world.checkpoint, slide, out), "--dask", "local:2"]) == 2
+    err = capsys.readouterr().err.strip()
+    record("predict-wsi", "--dask without the cluster extra installed", None, "exit 2", message=err)
+    assert err.splitlines() == [
+        "cdcl predict-wsi: error: --dask needs the optional 'distributed' package: pip install 'cdcl[cluster]'"
+    ]
+    assert not out.exists()
+
+
 def test_predict_wsi_writes_complete_outputs(world, tmp_path, record):
     slide = write_slide(tmp_path / "slide.tif")
     out = tmp_path / "out"
@@ -890,6 +953,8 @@ def test_predict_wsi_writes_complete_outputs(world, tmp_path, record):
     record("predict-wsi", "512x768 pyramidal TIFF of synthetic tissue", result, "exit 0")
     assert_ok(result)
     assert sorted(p.name for p in out.iterdir()) == [
+        "cohort.csv",
+        "cohort_nuclei_per_mm2.png",
         "slide.geojson",
         "slide_nuclei.csv",
         "slide_overlay.png",

@@ -204,6 +204,16 @@ def test_dsb2018_earliest_mask_file_wins_on_overlap(tmp_path):
     assert load_dataset(tmp_path / "stage1_train", "dsb2018").names() == ["id1", "id2"]
 
 
+def test_dsb2018_folder_of_several_sets_reads_as_one(tmp_path):
+    _dsb_item(tmp_path / "dsb" / "stage1_train", "id1", [("m1.png", np.ones((6, 7), bool))])
+    _dsb_item(tmp_path / "dsb-extra" / "stage1_train", "id9", [])
+    _save(tmp_path / "other" / "images" / "x.png", _image())  # not a Kaggle-layout set: ignored
+    (tmp_path / "README.md").write_text("notes")
+    ds = load_dataset(tmp_path, "dsb2018")
+    assert ds.names() == ["dsb-extra/id9", "dsb/id1"]
+    assert ds.item("dsb/id1").instances.max() == 1 and not ds.item("dsb-extra/id9").has_mask
+
+
 def test_dsb2018_mask_of_another_size_is_named(tmp_path):
     _dsb_item(tmp_path, "id1", [("m1.png", np.ones((6, 7), bool)), ("m2.png", np.ones((6, 8), bool))])
     with pytest.raises(CdclError, match="mask is 6x8 but its image is 6x7") as err:

@@ -239,3 +239,47 @@ def test_views_grid_layout_outlines_and_blank_panel_for_unlabeled() -> None:
     assert np.all(unlabeled_panel == 200)
     np.testing.assert_array_equal(grid, views_grid([(image, instances), (image, None)], cfg, seed=0))
     assert not np.array_equal(grid, views_grid([(image, instances), (image, None)], cfg, seed=1))
+
+
+STAIN_OFF_KNOBS = dict(stain_scale=0.9, stain_shift=0.5, stain_brightness=0.5, stain_gamma=0.5, stain_blur_prob=1.0)
+STAIN_ZERO_KNOBS = dict(stain_scale=0, stain_shift=0, stain_brightness=0, stain_gamma=0, stain_blur_prob=0)
+
+
+def test_the_stain_step_switched_off_leaves_every_view_as_before() -> None:
+    image, instances = blob_image(np.random.default_rng(3))
+    default, off = AugmentConfig(crop_size=96), AugmentConfig(crop_size=96, stain="none", **STAIN_OFF_KNOBS)
+    for seed in range(5):
+        for a, b in zip(
+            labeled_view(image, instances, np.random.default_rng(seed), default),
+            labeled_view(image, instances, np.random.default_rng(seed), off),
+        ):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(
+            paired_views(image, np.random.default_rng(seed), default),
+            paired_views(image, np.random.default_rng(seed), off),
+        ):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_the_stain_step_recolours_the_labeled_view_only_and_zero_strength_is_identity() -> None:
+    image, instances = blob_image(np.random.default_rng(4))
+    off = AugmentConfig(crop_size=96)
+    hed = dataclasses.replace(off, stain="hed")
+    zero = dataclasses.replace(hed, **STAIN_ZERO_KNOBS)
+    for seed in range(5):
+        plain, labels = labeled_view(image, instances, np.random.default_rng(seed), off)
+        jittered, jittered_labels = labeled_view(image, instances, np.random.default_rng(seed), hed)
+        np.testing.assert_array_equal(jittered_labels, labels)
+        assert np.abs(jittered - plain).max() > 0.02 and 0 <= jittered.min() and jittered.max() <= 1
+        np.testing.assert_allclose(
+            labeled_view(image, instances, np.random.default_rng(seed), zero)[0], plain, atol=1e-5
+        )
+        for a, b in zip(
+            paired_views(image, np.random.default_rng(seed), off), paired_views(image, np.random.default_rng(seed), hed)
+        ):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_an_unknown_stain_augmentation_is_refused_with_the_choices() -> None:
+    with pytest.raises(ValueError, match="stain must be 'none' or 'hed'"):
+        AugmentConfig(stain="strong")

@@ -7,14 +7,19 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from cdcl.checkpoint import load_checkpoint
 from cdcl.cli import main
 from cdcl.config import load_config
+from cdcl.data import load_dataset
+from cdcl.data.splits import Split, write_split
+from cdcl.data.stain import StainNormalizer
+from cdcl.data.synthetic import write_synthetic_dataset
 from cdcl.errors import CdclError
-from cdcl.inference.predictor import load_predictor
+from cdcl.inference.predictor import load_predictor, predict_instances
 from cdcl.training.engine import Trainer, train
 
 from helpers.training import tiny_dataset, tiny_overrides
@@ -36,6 +41,7 @@ def records(run_dir):
         ("mean_teacher", {"sup", "cons"}),
         ("fixmatch", {"sup", "cons"}),
         ("cdcl", {"sup", "cons", "ent", "contr"}),
+        ("unimatch", {"sup", "cons", "cons_fp"}),
     ],
 )
 def test_each_method_trains_and_logs_its_terms(tiny, tmp_path, method, terms):
@@ -91,9 +97,10 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_reaches_the_same_weights(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["cdcl", "unimatch"])  # the methods that draw their own random numbers
+def test_resume_reaches_the_same_weights(tiny, tmp_path, monkeypatch, method):
     data, split = tiny
-    config = load_config(None, tiny_overrides(data, split, "cdcl", iterations=6, **{"method.threshold": 0.0}))
+    config = load_config(None, tiny_overrides(data, split, method, iterations=6, **{"method.threshold": 0.0}))
     train(config, tmp_path / "straight")
 
     original = Trainer._validate_and_save
@@ -181,10 +188,11 @@ def test_resume_refuses_other_architecture(tiny, tmp_path):
         train(other, tmp_path)
 
 
-def test_ddp_two_processes_on_cpu(tiny, tmp_path):
+@pytest.mark.parametrize("method", ["cdcl", "unimatch"])  # unimatch: its feature stream rides in the one DDP call
+def test_ddp_two_processes_on_cpu(tiny, tmp_path, method):
     data, split = tiny
     sets = [
-        a for s in tiny_overrides(data, split, "cdcl", iterations=3, **{"method.threshold": 0.0}) for a in ("--set", s)
+        a for s in tiny_overrides(data, split, method, iterations=3, **{"method.threshold": 0.0}) for a in ("--set", s)
     ]
     cfg = tmp_path / "c.yaml"
     cfg.write_text("")
@@ -264,3 +272,58 @@ def test_ddp_skips_a_step_on_every_process_when_one_meets_a_nan(tiny, tmp_path):
     assert "skipping iteration 2" in proc.stderr
     payload = load_checkpoint(tmp_path / "run" / "last.pt")
     assert payload["step"] == 4 and payload["skipped"] == 1 and payload["complete"]
+
+
+def test_stain_normalisation_is_fitted_on_the_labeled_images_stored_and_applied_at_prediction(
+    tiny, tmp_path, monkeypatch
+):
+    data, split = tiny
+    seen = []
+    original = StainNormalizer.__call__
+    monkeypatch.setattr(
+        StainNormalizer, "__call__", lambda self, image: seen.append(image.shape) or original(self, image)
+    )
+    config = load_config(None, tiny_overrides(data, split, "cdcl", iterations=2, **{"data.stain_norm": "macenko"}))
+    train(config, tmp_path)
+    assert len(seen) >= 3 + 2 + 2  # each labeled and unlabeled image in a batch, and both val images
+    stored = {name: load_checkpoint(tmp_path / name)["stain"] for name in ("last.pt", "best.pt")}
+    assert stored["last.pt"] == stored["best.pt"] and stored["last.pt"]["method"] == "macenko"
+    predictor = load_predictor(tmp_path / "best.pt", "cpu")
+    assert predictor.stain.to_dict() == stored["best.pt"] and predictor.window_options()["stain"] is predictor.stain
+    seen.clear()
+    predict_instances(predictor, np.asarray(load_dataset(data, "folder")[0].image))
+    assert seen == [(96, 96, 3)]
+
+
+def test_each_checkpoint_carries_the_thresholds_tuned_for_its_own_weights(tiny, tmp_path):
+    from cdcl.instances.postprocess import tune_params
+    from cdcl.training.engine import predict_probabilities
+
+    data, split = tiny
+    config = load_config(None, tiny_overrides(data, split, "supervised", **{"train.tune_postprocess": "true"}))
+    trainer = Trainer(config, tmp_path)
+    trainer.fit()
+    gts = [it.instances for it in trainer.splits.val]
+    for name in ("best.pt", "last.pt"):
+        predictor = load_predictor(tmp_path / name, "cpu")
+        params, _ = tune_params(predict_probabilities(predictor.model, trainer.splits.val, config, trainer.device), gts)
+        assert load_checkpoint(tmp_path / name)["postprocess"] == params.to_dict(), name
+    assert {"val/aji_tuned", "val/aji_tuned_last"} <= {k for r in records(tmp_path) for k in r}
+
+
+def test_unlabeled_root_adds_every_image_of_another_folder_as_unlabeled(tiny, tmp_path):
+    from cdcl.training.engine import load_splits
+
+    data, split = tiny
+    own = tmp_path / "own_split"
+    names = load_dataset(data, "folder").names()
+    write_split(Split(labeled=names[:3], unlabeled=[], val=names[8:10], test=[]), own)
+    lab_tiles = tmp_path / "lab"
+    write_synthetic_dataset(lab_tiles, 4, seed=7, size=96)  # annotated, but used as unlabeled: masks are dropped
+    config = load_config(None, tiny_overrides(data, own, "cdcl", **{"data.unlabeled_root": lab_tiles}))
+    splits = load_splits(config, needs_unlabeled=True)
+    assert [it.name.split(":")[0] for it in splits.unlabeled] == ["unlabeled"] * 4
+    assert not any(it.has_mask for it in splits.unlabeled) and len(splits.labeled) == 3
+    missing = load_config(None, tiny_overrides(data, own, "cdcl", **{"data.unlabeled_root": tmp_path / "nope"}))
+    with pytest.raises(CdclError, match="data.unlabeled_root"):
+        load_splits(missing, needs_unlabeled=True)

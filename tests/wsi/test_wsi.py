@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -14,15 +15,20 @@ import torch
 from PIL import Image
 
 import cdcl.commands.predict_wsi
+import cdcl.wsi.job
 import cdcl.wsi.pipeline
 from cdcl.cli import main
+from cdcl.data.stain import StainNormalizer, fit_reference
 from cdcl.errors import CdclError
 from cdcl.testing.slides import DISCS, RADIUS, disc_image, monuseg_mosaic, stand_in_predictor, write_pyramid
+from cdcl.wsi.cohort import HISTOGRAM, TABLE
 from cdcl.wsi.journal import Journal
 from cdcl.wsi.pipeline import predict_slide
 from cdcl.wsi.readers import ArrayReader, choose_level, open_slide, tissue_mask
 
 from helpers.geojson import check_geojson
+
+COHORT_FILES = (TABLE, HISTOGRAM)  # written by every predict-wsi run
 
 
 def read_csv(path) -> list[dict[str, float]]:
@@ -364,7 +370,7 @@ def test_predict_wsi_takes_a_folder_of_slides_and_skips_the_finished_ones(tmp_pa
     assert "2 slides, %d nuclei" % sum(s["nuclei"] for s in summaries.values()) in caplog.text
     written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     assert sorted(written) == sorted(
-        f"{stem}{suffix}" for stem in ("left", "right") for suffix in cdcl.wsi.pipeline.OUTPUTS
+        [*(f"{stem}{suffix}" for stem in ("left", "right") for suffix in cdcl.wsi.pipeline.OUTPUTS), *COHORT_FILES]
     )
 
     # journals as left by a run killed between writing its summary and removing them: the right slide's, with
@@ -410,8 +416,10 @@ def test_a_slide_that_fails_midway_does_not_stop_the_others(tmp_path, mosaic, ch
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("cdcl predict-wsi: error: 1 of 3 slides failed") and "b.tif: no tissue found" in last
         assert sorted(p.name for p in out.iterdir()) == sorted(
-            f"{s}{x}" for s in "ac" for x in cdcl.wsi.pipeline.OUTPUTS
+            [*(f"{s}{x}" for s in "ac" for x in cdcl.wsi.pipeline.OUTPUTS), "b_failed.json", *COHORT_FILES]
         )
+        statuses = [(row["slide"], row["status"]) for row in csv.DictReader(open(out / "cohort.csv"))]
+        assert statuses == [("a", "finished"), ("b", "failed"), ("c", "finished")]
 
 
 def test_a_summary_only_vouches_for_outputs_of_its_own_run(tmp_path, mosaic, checkpoint, monkeypatch, caplog) -> None:
@@ -462,9 +470,9 @@ def test_every_slide_of_a_batch_records_the_checkpoint_that_predicted_it(
         keys.append(run_key["checkpoint"])
         with open(checkpoint, "ab") as fh:  # rewritten while this slide is predicted
             fh.write(b" and more")
-        return {"nuclei": 0, "tiles": {"tissue": 0}, "seconds": 0.0, "megapixels_per_s": None}
+        return {"slide": "x", "nuclei": 0, "tiles": {"tissue": 0}, "seconds": 0.0, "megapixels_per_s": None}
 
-    monkeypatch.setattr(cdcl.commands.predict_wsi, "predict_slide", predict_slide)
+    monkeypatch.setattr(cdcl.wsi.job, "predict_slide", predict_slide)
     size = os.path.getsize(checkpoint)
     assert (
         main(
@@ -490,9 +498,9 @@ def test_the_resume_key_holds_the_device_and_precision(tmp_path, mosaic, checkpo
 
     def predict_slide(*args, run_key, **kwargs):
         keys.append(run_key)
-        return {"nuclei": 0, "tiles": {"tissue": 0}, "seconds": 0.0, "megapixels_per_s": None}
+        return {"slide": "x", "nuclei": 0, "tiles": {"tissue": 0}, "seconds": 0.0, "megapixels_per_s": None}
 
-    monkeypatch.setattr(cdcl.commands.predict_wsi, "predict_slide", predict_slide)
+    monkeypatch.setattr(cdcl.wsi.job, "predict_slide", predict_slide)
     assert (
         main(["predict-wsi", "--checkpoint", checkpoint, str(slide), "--out", str(tmp_path / "out"), "--device", "cpu"])
         == 0
@@ -609,3 +617,17 @@ def test_default_workers_inline_on_a_cpu_most_cores_with_a_gpu(tmp_path, disc_sl
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert cdcl.wsi.pipeline.default_workers(torch.device("cuda")) == 1
     assert [cdcl.wsi.pipeline.reader_count(w) for w in (0, 1, 4, 5)] == [0, 1, 1, 2]
+
+
+def test_stain_normalisation_of_a_slide_uses_one_estimate_of_its_stain(tmp_path, mosaic, monkeypatch) -> None:
+    predictor = dataclasses.replace(stand_in_predictor(), stain=fit_reference("macenko", [mosaic], "labeled.txt"))
+    sources = []
+    original = StainNormalizer.__call__
+    monkeypatch.setattr(
+        StainNormalizer, "__call__", lambda self, image: sources.append(self.source) or original(self, image)
+    )
+    summary = predict_slide(predictor, ArrayReader(mosaic, mpp=0.25), tmp_path, stem="m", tile=256, halo=32)
+    assert summary["stain_norm"] == "macenko" and len(sources) == summary["tiles"]["tissue"] > 1
+    assert sources[0] is not None and all(source is sources[0] for source in sources)
+    one_colour = ArrayReader(np.full((300, 300, 3), (150, 60, 170), np.uint8), mpp=0.25)  # tissue, no stain profile
+    assert predict_slide(predictor, one_colour, tmp_path, stem="flat", tile=256, halo=32)["stain_norm"] is None

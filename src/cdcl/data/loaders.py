@@ -9,7 +9,7 @@ would have seen, whatever the number of workers. Under DDP each rank takes every
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from cdcl.data.views import AugmentConfig, labeled_view, paired_views
 from cdcl.errors import from_workers
 from cdcl.instances.representations import make_targets
+from cdcl.vocab import STRONG_VIEWS
 
 
 class SeededStreamSampler(Sampler):
@@ -63,24 +64,33 @@ class _ImageCache:
 
 
 class _ItemSet(Dataset):
-    """Items with a bounded decode cache; subclasses turn one item into its training views."""
+    """Items with a bounded decode cache; subclasses turn one item into its training views. ``stain``: the stain
+    normalisation (``cdcl.data.stain``) applied to each image once, as decoded, before any augmentation."""
 
-    def __init__(self, items: Sequence, augment: AugmentConfig) -> None:
-        self.items, self.augment, self.cache = list(items), augment, _ImageCache()
+    def __init__(
+        self, items: Sequence, augment: AugmentConfig, stain: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> None:
+        self.items, self.augment, self.stain, self.cache = list(items), augment, stain, _ImageCache()
 
     def __len__(self) -> int:
         return len(self.items)
 
     def _image(self, item) -> np.ndarray:
-        return self.cache.get(item.name, lambda: item.image)
+        return self.cache.get(item.name, lambda: item.image if self.stain is None else self.stain(item.image))
 
 
 class LabeledSet(_ItemSet):
     """Labeled items -> {"image": 3xSxS float, "target": SxS int64 classes, ...} augmented views, with the
     targets of the model's instance representation (``cdcl.instances.representations.make_targets``)."""
 
-    def __init__(self, items: Sequence, augment: AugmentConfig, representation: str = "binary") -> None:
-        super().__init__(items, augment)
+    def __init__(
+        self,
+        items: Sequence,
+        augment: AugmentConfig,
+        representation: str = "binary",
+        stain: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> None:
+        super().__init__(items, augment, stain)
         self.representation = representation
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -93,12 +103,27 @@ class LabeledSet(_ItemSet):
 
 
 class UnlabeledSet(_ItemSet):
-    """Unlabeled items -> {"weak": ..., "strong": ...}: one shared geometry, photometry on strong only."""
+    """Unlabeled items -> {"weak": ..., "strong": ...} (and "strong2" with ``strong_views`` 2): one shared
+    geometry, photometry on the strong views only."""
+
+    def __init__(
+        self,
+        items: Sequence,
+        augment: AugmentConfig,
+        strong_views: int = 1,
+        stain: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> None:
+        super().__init__(items, augment, stain)
+        if not 1 <= strong_views <= len(STRONG_VIEWS):
+            raise ValueError(f"strong_views must be in [1, {len(STRONG_VIEWS)}], got {strong_views}")
+        self.strong_views = strong_views
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         index, seed = key
-        weak, strong = paired_views(self._image(self.items[index]), np.random.default_rng(seed), self.augment)
-        return {"weak": torch.from_numpy(weak), "strong": torch.from_numpy(strong)}
+        weak, *strong = paired_views(
+            self._image(self.items[index]), np.random.default_rng(seed), self.augment, self.strong_views
+        )
+        return {"weak": torch.from_numpy(weak), **{k: torch.from_numpy(v) for k, v in zip(STRONG_VIEWS, strong)}}
 
 
 def stream_loader(

@@ -15,6 +15,8 @@ Layouts (hidden files, whose names start with '.', are ignored everywhere):
   mask per nucleus; item names are the ids. Nucleus k (1-based) is the k-th mask file in filename order, and a
   pixel claimed by several masks belongs to the earliest one, so overlaps resolve the same way on every machine.
   Without a ``masks/`` folder the item is unlabeled; an empty one means an image without nuclei.
+  A folder holding several such datasets (``root/<set>/stage1_train/``, e.g. ``dsb2018/`` beside
+  ``dsb2018-extra/``) is read as one, with item names ``<set>/<id>``; its other entries are ignored.
 
 A tile of an item is named ``<name>[y0:y1,x0:x1]`` (rows, then columns, half-open); ``NucleiDataset.item``
 resolves such names to a crop of the base item.
@@ -269,6 +271,10 @@ def _scan_pairs(folder: Path, prefix: str, sources: list[Source], problems: list
 
 
 def _scan_dsb(root: Path, problems: list[CdclError]) -> list[Item]:
+    if not (root / "stage1_train").is_dir():
+        sets = [path for path in _visible(root) if (path / "stage1_train").is_dir()]
+        if sets:  # several Kaggle-layout datasets side by side: one dataset whose names say which set
+            return [replace(item, name=f"{s.name}/{item.name}") for s in sets for item in _scan_dsb(s, problems)]
     base = root / "stage1_train" if (root / "stage1_train").is_dir() else root
     items = []
     for folder in _visible(base):

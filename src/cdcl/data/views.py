@@ -15,6 +15,8 @@ from scipy import ndimage as ndi
 from skimage.color import hed_from_rgb, rgb2gray, rgb2yiq, rgb_from_hed, yiq2rgb
 from skimage.segmentation import relabel_sequential
 
+from cdcl.vocab import STAIN_AUGMENTS, StainAugment, spoken
+
 
 @dataclass
 class AugmentConfig:
@@ -35,6 +37,14 @@ class AugmentConfig:
     noise_std: float = 0.03  # additive Gaussian noise, in [0, 1] intensity units
     grey_prob: float = 0.2
     hed_sigma: float = 0.05  # H&E stain jitter: per-stain scale 1 +- sigma and shift +- sigma in optical density
+    # The labeled view's extra stain step (augment.stain="hed"; cdcl.vocab.STAIN_AUGMENTS): the range another lab's
+    # slides span, drawn after the jitter above. "none" leaves the views exactly as without these keys.
+    stain: StainAugment = "none"
+    stain_scale: float = 0.2  # each stain's optical density times a factor in [1 - s, 1 + s]
+    stain_shift: float = 0.05  # ... plus a shift in [-b, b] optical-density units
+    stain_brightness: float = 0.1  # intensity times a factor in [1 - b, 1 + b]
+    stain_gamma: float = 0.2  # intensity to the power exp(u), u in [-g, g]
+    stain_blur_prob: float = 0.2  # Gaussian blur (sigma in blur_sigma), as a scanner out of focus
 
     def __post_init__(self) -> None:
         if self.scale is not None:
@@ -46,6 +56,8 @@ class AugmentConfig:
             raise ValueError(f"blur_sigma must be (low, high) with 0 <= low <= high, got {self.blur_sigma}")
         if self.crop_size < 1:
             raise ValueError(f"crop_size must be >= 1, got {self.crop_size}")
+        if self.stain not in STAIN_AUGMENTS:
+            raise ValueError(f"stain must be {spoken(STAIN_AUGMENTS, quote=chr(39))}, got '{self.stain}'")
         for name, low, high in [
             ("labeled_strength", 0, 1),
             ("brightness", 0, 1),
@@ -56,6 +68,11 @@ class AugmentConfig:
             ("grey_prob", 0, 1),
             ("hed_sigma", 0, 1),
             ("noise_std", 0, 1),
+            ("stain_scale", 0, 1),
+            ("stain_shift", 0, 1),
+            ("stain_brightness", 0, 1),
+            ("stain_gamma", 0, 1),
+            ("stain_blur_prob", 0, 1),
         ]:
             value = getattr(self, name)
             if not low <= value <= high:
@@ -165,6 +182,23 @@ def _photometric(x: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig, st
     return x
 
 
+def _stain_jitter(x: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
+    """The labeled view's extra stain step (``augment.stain="hed"``): H&E amounts, brightness, gamma and focus of
+    another lab's slides, on a 3xHxW float32 image in [0, 1]. All zero strengths give the image back.
+
+    Labeled view only: the supervised loss is where the model learns what a nucleus looks like, and the unlabeled
+    strong view already carries the full-strength jitter of :func:`_photometric`."""
+    s, b = cfg.stain_scale, cfg.stain_shift
+    x = np.clip(_hed_jitter(x, rng.uniform(1 - s, 1 + s, 3), rng.uniform(-b, b, 3)), 0, 1)
+    brightness = np.float32(rng.uniform(1 - cfg.stain_brightness, 1 + cfg.stain_brightness))
+    gamma = np.float32(np.exp(rng.uniform(-cfg.stain_gamma, cfg.stain_gamma)))
+    x = np.clip(x * brightness, 0, 1) ** gamma
+    if rng.random() < cfg.stain_blur_prob:
+        sigma = float(rng.uniform(*cfg.blur_sigma))
+        x = ndi.gaussian_filter(x, (0, sigma, sigma))
+    return x
+
+
 def _colour_map(
     x: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig, strength: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -248,14 +282,22 @@ def labeled_view(
     x = _chw(geometry.image(image)) / np.float32(255)
     if cfg.labeled_photometric:
         x = _photometric(x, rng, cfg, cfg.labeled_strength)
+    if cfg.stain == "hed":
+        x = _stain_jitter(x, rng, cfg)
     return x, geometry.labels(instances)
 
 
-def paired_views(image: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(weak, strong) 3xSxS float32 views of one image: one geometry, photometric changes on strong only."""
+def paired_views(
+    image: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig, strong_views: int = 1
+) -> tuple[np.ndarray, ...]:
+    """(weak, strong, ...) 3xSxS float32 views of one image: one geometry, photometric changes on the strong ones.
+
+    Each of the ``strong_views`` strong views has its own photometric draw, made after the earlier ones', so the
+    first strong view is the same whatever their number (UniMatch's second view leaves the others' streams alone).
+    """
     _check(image)
     weak = _chw(sample_geometry(image.shape[:2], rng, cfg).image(image)) / np.float32(255)
-    return weak, _photometric(weak, rng, cfg, 1.0)
+    return weak, *(_photometric(weak, rng, cfg, 1.0) for _ in range(strong_views))
 
 
 def eval_view(image: np.ndarray) -> np.ndarray:

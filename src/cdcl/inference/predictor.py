@@ -1,7 +1,8 @@
 """The ``Predictor``: a model rebuilt from a checkpoint alone, with how to run and post-process it.
 
-A checkpoint (``cdcl.checkpoint``) carries the config, weights, tuned thresholds and training resolution; this
-rebuilds the architecture from the config, loads the weights strictly and binds the inference settings.
+A checkpoint (``cdcl.checkpoint``) carries the config, weights, tuned thresholds, training resolution and stain
+reference; this rebuilds the architecture from the config, loads the weights strictly and binds the inference
+settings.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from cdcl.checkpoint import load_checkpoint
 from cdcl.config import Config, config_from_dict
+from cdcl.data.stain import StainNormalizer
 from cdcl.errors import CdclError, squashed
 from cdcl.inference.window import MULTIPLE, sliding_window_probability, windows_per_batch
 from cdcl.instances.postprocess import PostprocessParams, instances_from_maps
@@ -36,6 +38,7 @@ class Predictor:
     batch_size: int
     amp: bool
     config: Config
+    stain: StainNormalizer | None = None  # the training images' stain normalisation (data.stain_norm), or None
     tta: str = "none"  # cdcl.vocab.TTA_MODES
     nucleus_diameter: float | None = None  # training nuclei's size, px at ``mpp`` (--mpp auto; see load_predictor)
 
@@ -47,6 +50,7 @@ class Predictor:
             "batch_size": self.batch_size,
             "device": self.device,
             "amp": self.amp,
+            "stain": self.stain,
             "tta": self.tta,
         }
 
@@ -69,6 +73,20 @@ def model_from_checkpoint(payload: dict[str, Any], path: str | Path, weights: st
             f"checkpoint weights do not match its model '{config.model.encoder}' ({detail})", path
         ) from None
     return model
+
+
+def stain_from_checkpoint(payload: dict[str, Any], config: Config, path: str | Path) -> StainNormalizer | None:
+    """The stain normalisation the model was trained with (None when ``data.stain_norm`` was off)."""
+    if config.data.stain_norm == "none":
+        return None
+    if payload.get("stain") is None:
+        raise CdclError(
+            f"checkpoint was trained with data.stain_norm={config.data.stain_norm} but stores no stain reference", path
+        )
+    try:
+        return StainNormalizer.from_dict(payload["stain"])
+    except ValueError as exc:
+        raise CdclError(f"checkpoint stain reference is invalid ({exc})", path) from None
 
 
 def load_predictor(
@@ -106,6 +124,7 @@ def load_predictor(
         batch_size=windows_per_batch(batch_size, config.infer.batch_size, dev),
         amp=config.train.amp and dev.type == "cuda",
         config=config,
+        stain=stain_from_checkpoint(payload, config, path),
         tta=tta,
         nucleus_diameter=payload.get("predicted_nucleus_diameter") or payload.get("nucleus_diameter"),
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -126,6 +126,7 @@ def start_probability(
     batch_size: int = 4,
     device: torch.device | str | None = None,
     amp: bool = False,
+    stain: Callable[[np.ndarray], np.ndarray] | None = None,
     tta: str = "none",
 ) -> PendingProbability:
     """Queue the prediction maps of ``image`` on the device and return without waiting for it: the HxW
@@ -135,7 +136,8 @@ def start_probability(
     Images of any size are accepted: a side shorter than ``window`` gets one window of that side rounded up to a
     multiple of 32, and the image is reflect-padded to fill it. ``device`` defaults to the model's; ``amp``
     enables autocast on CUDA only; ``tta`` averages each window's maps over flips and rotations
-    (``cdcl.inference.tta``; ``none``: one pass).
+    (``cdcl.inference.tta``; ``none``: one pass). ``stain`` recolours the image first (``cdcl.data.stain``: the
+    checkpoint's stain normalisation); this is the one place every prediction passes through.
 
     Windows are cut from the image on the device and blended there when the padded image has at most
     ``STITCH_ON_DEVICE_PIXELS`` pixels, so a CUDA run synchronises once per image rather than once per batch;
@@ -148,6 +150,8 @@ def start_probability(
         raise ValueError(f"window must be a positive multiple of {MULTIPLE}, got {window}")
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if stain is not None:
+        image = stain(image)
     height, width = image.shape[:2]
     win_h, win_w, corners = window_layout(height, width, window, overlap)
     padded = pad_to(image, win_h, win_w)

@@ -10,9 +10,10 @@ from cdcl.methods.cdcl import CDCL
 from cdcl.methods.fixmatch import FixMatch
 from cdcl.methods.mean_teacher import MeanTeacher
 from cdcl.methods.supervised import Supervised
+from cdcl.methods.unimatch import UniMatch
 from cdcl.vocab import METHODS
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Supervised, MeanTeacher, FixMatch, CDCL)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Supervised, MeanTeacher, FixMatch, CDCL, UniMatch)}
 if tuple(REGISTRY) != METHODS:  # the config, the CLI and the benchmarks offer cdcl.vocab.METHODS
     raise ImportError(f"method classes {tuple(REGISTRY)} differ from cdcl.vocab.METHODS {METHODS}")
 

@@ -17,6 +17,7 @@ class Method:
 
     name: ClassVar[str]  # the config's method.name: one of cdcl.vocab.METHODS (the registry is keyed by it)
     uses_unlabeled = False
+    strong_views = 1  # strong views per unlabeled image the loader makes (batch keys: cdcl.vocab.STRONG_VIEWS)
 
     def __init__(self, cfg: Any, representation: str = "binary") -> None:
         self.cfg, self.representation = cfg, representation
@@ -81,14 +82,15 @@ class Method:
 
 
 def student_forward(
-    student: nn.Module, labeled: dict[str, Tensor], extra: Tensor | None, embeddings: bool = False
+    student: nn.Module, labeled: dict[str, Tensor], extra: Tensor | None, embeddings: bool = False, **model_kwargs
 ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
-    """One student pass over labeled images and (optionally) unlabeled strong views, split back apart.
+    """One student pass over labeled images and (optionally) unlabeled strong views, split back apart;
+    ``model_kwargs`` go to the model (UniMatch's feature perturbation).
 
     A single concatenated batch is cheaper than two passes and lets BatchNorm see both distributions.
     """
     x = labeled["image"] if extra is None else torch.cat([labeled["image"], extra])
-    out = student(x, embeddings=embeddings)
+    out = student(x, embeddings=embeddings, **model_kwargs)
     n = labeled["image"].shape[0]
     lab = {k: v[:n] for k, v in out.items()}
     unl = None if extra is None else {k: v[n:] for k, v in out.items()}

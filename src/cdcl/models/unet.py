@@ -187,10 +187,20 @@ class SegmentationModel(nn.Module):
         """The 1/4-resolution feature map shared by the projector (and the classifier at output stride 4)."""
         return self._decode(self._encode(x))
 
-    def forward(self, x: Tensor, embeddings: bool = False) -> dict[str, Tensor]:
+    def forward(
+        self, x: Tensor, embeddings: bool = False, feature_dropout: float = 0.0, perturbed: int = 0
+    ) -> dict[str, Tensor]:
         """``logits`` at input size; ``logits_lowres`` at 1/4 (output stride 4 only); ``embeddings`` (B, D, h, w)
-        at 1/4 when asked."""
+        at 1/4 when asked.
+
+        The last ``perturbed`` images of the batch are decoded from encoder features with whole channels dropped
+        at rate ``feature_dropout`` (UniMatch's feature perturbation): inside the one forward pass, so a method
+        under DDP still calls the model once per step.
+        """
         feats = self._encode(x)
+        if perturbed and feature_dropout > 0:
+            keep = x.shape[0] - perturbed
+            feats = [torch.cat([f[:keep], F.dropout2d(f[keep:], feature_dropout)]) for f in feats]
         feat = self._decode(feats)
         size = x.shape[-2:]
         if self.output_stride == 4:

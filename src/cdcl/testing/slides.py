@@ -109,3 +109,16 @@ def stand_in_predictor(
         config=None,
         tta=tta,
     )
+
+
+def write_untrained_checkpoint(path: Path, overrides: list[str]) -> Path:
+    """A cdcl checkpoint of an untrained network built from config ``overrides`` (``key=value``): the real loader
+    and network without a training run, for plumbing tests and speed benchmarks."""
+    from cdcl.checkpoint import save_checkpoint
+    from cdcl.config import load_config
+    from cdcl.models import build_model
+
+    config = load_config(None, [*overrides, "model.pretrained=false"])
+    weights = build_model(config.model).state_dict()
+    save_checkpoint(path, {"config": config.to_dict(), "weights": {"student": weights}, "postprocess": {}})
+    return path

@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from cdcl.config import Config, config_from_dict, dump_config
 from cdcl.data import load_dataset, require_masks
 from cdcl.data.loaders import LabeledSet, UnlabeledSet, stream_loader
 from cdcl.data.splits import read_split_file
+from cdcl.data.stain import StainNormalizer, fit_reference
 from cdcl.errors import CdclError, squashed
 from cdcl.inference.window import foreground_of, sliding_window_probability, windows_per_batch
 from cdcl.instances.postprocess import PostprocessParams, instances_from_maps, tune_params
@@ -94,6 +95,16 @@ def config_folder(key: str, value: str, hint: str) -> Path:
     return path
 
 
+def extra_unlabeled(folder: str) -> list:
+    """Every image of ``data.unlabeled_root`` as an unlabeled item, named ``unlabeled:<stem>``: the lab's own tiles
+    beside labels from another dataset, which a split of one dataset cannot list."""
+    if not folder:
+        return []
+    root = config_folder("data.unlabeled_root", folder, "a folder holding images/, e.g. written by `cdcl tiles`")
+    items = load_dataset(root, "folder")
+    return [replace(it, name=f"unlabeled:{it.name}", mask=None) for it in items]
+
+
 def load_splits(config: Config, needs_unlabeled: bool) -> Splits:
     """Items named by the split folder; the labeled list must be non-empty, every labeled item annotated, and no
     validation item cut from an image trained on."""
@@ -115,7 +126,7 @@ def load_splits(config: Config, needs_unlabeled: bool) -> Splits:
         raise CdclError("labeled split is empty: nothing to train on", split_dir / "labeled.txt")
     for name, items in (("labeled.txt", labeled), ("val.txt", read("val.txt", False))):
         require_masks(items, split_dir / name)
-    unlabeled = read("unlabeled.txt", False)
+    unlabeled = read("unlabeled.txt", False) + extra_unlabeled(d.unlabeled_root)
     if needs_unlabeled and not unlabeled:
         raise CdclError(
             f"method '{config.method.name}' needs unlabeled items but the list is empty", split_dir / "unlabeled.txt"
@@ -170,9 +181,21 @@ def update_ema(teacher: nn.Module, student: nn.Module, step: int, decay: float) 
             tb.copy_(sb)
 
 
+def stain_reference(config: Config, labeled: list) -> StainNormalizer | None:
+    """The stain normalisation of ``data.stain_norm``, its reference fitted on the labeled images (None: off)."""
+    method = config.data.stain_norm
+    if method == "none":
+        return None
+    where = Path(config.data.split_dir).expanduser().resolve() / "labeled.txt"
+    return fit_reference(method, (it.image for it in labeled), where)
+
+
 @torch.no_grad()
-def predict_probabilities(model: nn.Module, items: list, config: Config, device: torch.device) -> list[np.ndarray]:
-    """Whole-image prediction maps by sliding window (val images are never tile-cropped)."""
+def predict_probabilities(
+    model: nn.Module, items: list, config: Config, device: torch.device, stain: StainNormalizer | None = None
+) -> list[np.ndarray]:
+    """Whole-image prediction maps by sliding window (val images are never tile-cropped), stain-normalised as the
+    training images are."""
     was_training = model.training
     model.eval()
     i = config.infer
@@ -186,6 +209,7 @@ def predict_probabilities(model: nn.Module, items: list, config: Config, device:
             batch_size=batch_size,
             device=device,
             amp=config.train.amp and device.type == "cuda",
+            stain=stain,
         )
         for it in items
     ]
@@ -227,6 +251,7 @@ class Trainer:
         self.splits = load_splits(config, self.method.uses_unlabeled)
         # the training nuclei's typical diameter (px at data.mpp): what `--mpp auto` compares predicted nuclei to
         self.nucleus_diameter = nucleus_diameter(it.instances for it in self.splits.labeled)
+        self.stain = stain_reference(config, self.splits.labeled)
         self.student = build_model(config.model).to(device)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.optimizer = build_optimizer(self.student, config)
@@ -234,7 +259,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.step, self.best, self.best_step, self.skipped = 0, -1.0, -1, 0
         self.postprocess: dict | None = None
-        self.predicted_diameter: float | None = None  # the same on the best model's val predictions
+        self.predicted_diameter: float | None = None  # the same, of the nuclei its weights predict on val
         self.complete = False
 
     # ---- checkpoints -------------------------------------------------------------------------------
@@ -257,6 +282,7 @@ class Trainer:
             "mpp": cfg.data.mpp,
             "nucleus_diameter": self.nucleus_diameter,
             "predicted_nucleus_diameter": self.predicted_diameter,
+            "stain": None if self.stain is None else self.stain.to_dict(),
         }
 
     def save(self, name: str) -> None:
@@ -337,7 +363,7 @@ class Trainer:
             "world_size": self.dist.world_size,
         }
         lab = stream_loader(
-            LabeledSet(self.splits.labeled, self.config.augment, self.config.model.instances),
+            LabeledSet(self.splits.labeled, self.config.augment, self.config.model.instances, self.stain),
             d.batch_size,
             seed=seed,
             **kw,
@@ -345,7 +371,10 @@ class Trainer:
         unl = None
         if self.method.uses_unlabeled:
             unl = stream_loader(
-                UnlabeledSet(self.splits.unlabeled, self.config.augment), d.unlabeled_batch_size, seed=seed + 1, **kw
+                UnlabeledSet(self.splits.unlabeled, self.config.augment, self.method.strong_views, self.stain),
+                d.unlabeled_batch_size,
+                seed=seed + 1,
+                **kw,
             )
         return lab, unl
 
@@ -355,7 +384,7 @@ class Trainer:
         if not self.splits.val or not self.dist.main:
             return None
         model = self.teacher if self.config.train.eval_model == "ema" else self.student
-        probs = predict_probabilities(model, self.splits.val, self.config, self.device)
+        probs = predict_probabilities(model, self.splits.val, self.config, self.device, self.stain)
         scores = {"dice": pooled_dice(probs, self.splits.val)}
         if self.config.train.select_by == "aji":
             labels = [instances_from_maps(p, PostprocessParams()) for p in probs]
@@ -488,7 +517,8 @@ class Trainer:
             dist.barrier()
 
     def _finish(self) -> None:
-        """Tune instance thresholds on val with the best weights; store them in both checkpoints."""
+        """Tune instance thresholds on val for the best weights (stored in best.pt) and for the final ones (stored in
+        last.pt, which predicts with them): each checkpoint carries the thresholds of the weights it predicts with."""
         if not self.dist.main:
             return
         best_path = self.out / "best.pt"
@@ -498,19 +528,27 @@ class Trainer:
             best = load_checkpoint(best_path)
             model = copy.deepcopy(self.teacher)
             model.load_state_dict(best["weights"][best["predict_with"]])
-            probs = predict_probabilities(model, self.splits.val, self.config, self.device)
-            params, score = tune_params(probs, [it.instances for it in self.splits.val])
-            self.postprocess = params.to_dict()
-            # what `--mpp auto` compares with: the model's own nuclei at the training resolution (its bias cancels)
-            self.predicted_diameter = nucleus_diameter(instances_from_maps(p, params) for p in probs)
+            best["postprocess"], score, best["predicted_nucleus_diameter"] = self._tune(model)
             self._log({"iteration": self.step, "val/aji_tuned": score})
-            best["postprocess"] = self.postprocess
-            best["predicted_nucleus_diameter"] = self.predicted_diameter
             best["complete"] = True
             save_checkpoint(best_path, lean_payload(best))
+            self.postprocess, self.predicted_diameter = best["postprocess"], best["predicted_nucleus_diameter"]
+            if self.best_step != self.step:  # else the final weights are the best ones
+                self.postprocess, score, self.predicted_diameter = self._tune(
+                    self.teacher if self.config.train.eval_model == "ema" else self.student
+                )
+            self._log({"iteration": self.step, "val/aji_tuned_last": score})
         self.complete = True
         self.save("last.pt")
         plot_training_curves(self._records(), self.out / "curves.png")
+
+    def _tune(self, model: nn.Module) -> tuple[dict, float, float | None]:
+        """Post-processing settings with the best mean AJI on the validation images for ``model``, that AJI, and
+        the size of the nuclei ``model`` then finds there: what `--mpp auto` compares with (the model's own
+        nuclei at the training resolution, so its bias cancels)."""
+        probs = predict_probabilities(model, self.splits.val, self.config, self.device, self.stain)
+        params, score = tune_params(probs, [it.instances for it in self.splits.val])
+        return params.to_dict(), score, nucleus_diameter(instances_from_maps(p, params) for p in probs)
 
     def summary(self) -> dict[str, Any]:
         return {

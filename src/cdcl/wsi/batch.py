@@ -22,10 +22,16 @@ def open_slides(paths: Sequence[Path], mpp_override: float | None, target_mpp: f
 
 
 def for_each_slide(readers: Sequence[SlideReader], work: Callable[[SlideReader], None]) -> None:
-    """``work(reader)`` for every slide of a batch. A slide that fails with a CdclError (no tissue, a damaged tile,
-    another run writing it) is reported and the others still run; then one CdclError names every failed slide.
-    A single slide's own error is raised as it is."""
-    failures = []
+    """``work(reader)`` for every slide of a batch; then one CdclError names every failed slide
+    (:func:`slide_failures`, :func:`raise_failures`)."""
+    raise_failures(slide_failures(readers, work), len(readers))
+
+
+def slide_failures(readers: Sequence[SlideReader], work: Callable[[SlideReader], None]) -> dict[str, str]:
+    """``work(reader)`` for every slide of a batch; returns the one-line error of each failed slide by name. A slide
+    that fails with a CdclError (no tissue, a damaged tile, another run writing it) is reported and the others
+    still run. A single slide's own error is raised as it is."""
+    failures = {}
     for number, reader in enumerate(readers, 1):
         if len(readers) > 1:
             log.info("slide %d of %d: %s", number, len(readers), reader.name)
@@ -35,10 +41,16 @@ def for_each_slide(readers: Sequence[SlideReader], work: Callable[[SlideReader],
             if len(readers) == 1:
                 raise
             log.error("%s (going on with the other slides)", err)
-            failures.append(str(err))
+            failures[reader.name] = str(err)
+    return failures
+
+
+def raise_failures(failures: dict[str, str], total: int) -> None:
+    """One CdclError naming every failed slide of a batch of ``total`` (nothing when none failed): the same line
+    whether the slides ran here or on a Dask cluster."""
     if failures:
-        rest = "the others are done; " if len(failures) < len(readers) else ""
+        rest = "the others are done; " if len(failures) < total else ""
         raise CdclError(
-            f"{len(failures)} of {len(readers)} slides failed ({rest}a re-run keeps what is done): "
-            f"{'; '.join(failures)}"
+            f"{len(failures)} of {total} slides failed ({rest}a re-run keeps what is done): "
+            f"{'; '.join(failures.values())}"
         )

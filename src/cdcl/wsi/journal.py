@@ -28,6 +28,12 @@ def read_record(path: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def lock_path(out_dir: Path, stem: str) -> Path:
+    """The file a run of ``stem`` holds locked (``cdcl.wsi.pipeline.only_run``); ``cdcl cohort`` looks at it to
+    tell running slides."""
+    return out_dir / f".{stem}.lock"
+
+
 def as_recorded(obj: Any) -> Any:
     """``obj`` as it reads back from JSON (tuples become lists), to compare with a record."""
     return json.loads(json.dumps(obj))

@@ -53,8 +53,9 @@ from cdcl.instances.representations import MAP_CHANNELS, representation_of
 from cdcl.io import ensure_writable_dir, remove_leftover_temporaries, save_png, write_json_atomic
 from cdcl.wsi.grid import Grid, tissue_tiles
 from cdcl.wsi.handoff import SHM_FOLDER, SharedTileHandoff, remove_orphaned_blocks, shared_memory_fits, tile_bytes
-from cdcl.wsi.journal import Journal, as_recorded, read_record
+from cdcl.wsi.journal import Journal, as_recorded, lock_path, read_record
 from cdcl.wsi.readers import THUMB_SIDE, SlideReader, choose_level, tissue_mask
+from cdcl.wsi.stain import slide_stain
 from cdcl.wsi.worker import ready, tile_nuclei_json, yield_to_prediction
 
 log = logging.getLogger(__name__)
@@ -150,8 +151,10 @@ def _predict_tiles(
     pool: Executor,
     workers: int,
     bar: tqdm,
+    options: dict[str, Any],
 ) -> None:
-    """Read (DataLoader workers) -> predict (here) -> post-process (pool) -> journal, in tile order.
+    """Read (DataLoader workers) -> predict (here, with ``start_probability``'s ``options``) -> post-process
+    (pool) -> journal, in tile order.
 
     Each tile's prediction is queued on the device before the previous tile is handed to post-processing, so
     on an accelerator the main process receives and hands over tiles while the device computes. Tiles reach
@@ -183,7 +186,7 @@ def _predict_tiles(
         previous = None
         for item in from_workers(loader):
             item["image"] = item["image"].numpy()
-            prob = start_probability(predictor.model, item["image"], **predictor.window_options())
+            prob = start_probability(predictor.model, item["image"], **options)
             if previous is not None:
                 post_process(*previous)
             previous = (item, prob)
@@ -194,15 +197,18 @@ def _predict_tiles(
             bar.update(1)
 
 
-def write_outputs(journal: Journal, out_dir: Path, stem: str, thumbnail: np.ndarray, level0_width: int) -> int:
-    """GeoJSON, CSV and overlay in one streamed pass over the journal; returns the number of nuclei. The
-    outlines are drawn at thumbnail scale, so memory does not depend on the slide size."""
+def write_outputs(
+    journal: Journal, out_dir: Path, stem: str, thumbnail: np.ndarray, level0_width: int
+) -> tuple[int, float]:
+    """GeoJSON, CSV and overlay in one streamed pass over the journal; returns the number of nuclei and their
+    summed area (level-0 px²). The outlines are drawn at thumbnail scale, so memory does not depend on the slide
+    size."""
     for suffix in OUTPUTS:
         remove_leftover_temporaries(out_dir / f"{stem}{suffix}")  # of an earlier run killed while writing them
     scale = thumbnail.shape[1] / level0_width
     overlay = Image.fromarray(thumbnail)
     draw = ImageDraw.Draw(overlay)
-    count = 0
+    count, area = 0, 0.0
     with (
         geojson_stream(out_dir / f"{stem}.geojson") as add_feature,
         csv_stream(out_dir / f"{stem}_nuclei.csv") as add_row,
@@ -212,8 +218,15 @@ def write_outputs(journal: Journal, out_dir: Path, stem: str, thumbnail: np.ndar
             add_row(row)
             draw.polygon([(x * scale, y * scale) for x, y in ring], outline=NUCLEUS_COLOR)
             count += 1
+            area += row["area"]
     save_png(out_dir / f"{stem}_overlay.png", np.asarray(overlay))
-    return count
+    return count, area
+
+
+def tissue_area(mask: np.ndarray, reader: SlideReader) -> float:
+    """Area of the tissue mask (found on the thumbnail) in level-0 pixels."""
+    width, height = reader.dimensions
+    return float(mask.sum()) * (width / mask.shape[1]) * (height / mask.shape[0])
 
 
 def finished_summary(out_dir: Path, stem: str, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -231,20 +244,30 @@ def _remove_own_journal(folder: Path, settings: dict[str, Any]) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _locked(fh: Any, lock: Path, tries: int = 20) -> bool:
+    """Whether this process now holds ``lock`` (open as ``fh``). A few tries 50 ms apart: ``cdcl cohort`` may be
+    looking at the lock for a moment (:func:`cdcl.wsi.cohort.is_running`), which is no run holding it."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return os.fstat(fh.fileno()).st_ino == os.stat(lock).st_ino  # not one a finished run removed
+        except FileNotFoundError:
+            return False
+        except BlockingIOError:
+            if attempt < tries - 1:
+                time.sleep(0.05)
+    return False
+
+
 @contextlib.contextmanager
 def only_run(out_dir: Path, stem: str) -> Iterator[None]:
     """Hold ``<out>/.<stem>.lock`` for the run: a second run of the same slide into the same folder would append
-    the same tiles to the journal, and the outputs would list their nuclei twice. It is refused instead."""
-    lock = out_dir / f".{stem}.lock"
+    the same tiles to the journal, and the outputs would list their nuclei twice. It is refused instead. The
+    kernel releases the lock of a killed process, so a job or Dask worker that died leaves the slide free for
+    the next try, which resumes its journal."""
+    lock = lock_path(out_dir, stem)
     with open(lock, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked_file_is_current = (
-                os.fstat(fh.fileno()).st_ino == os.stat(lock).st_ino
-            )  # not one a finished run removed
-        except (BlockingIOError, FileNotFoundError):
-            locked_file_is_current = False
-        if not locked_file_is_current:
+        if not _locked(fh, lock):
             raise CdclError(
                 f"another cdcl predict-wsi is writing the outputs of '{stem}' in this folder; wait for it "
                 "to finish or pass another --out",
@@ -290,10 +313,14 @@ def predict_slide(
             level, residual = choose_level(reader, predictor.mpp)
             grid = Grid.for_slide(reader, level, residual, tile, halo)
             thumbnail = reader.thumbnail(THUMB_SIDE)
-            tiles = tissue_tiles(grid, tissue_mask(thumbnail, reader.name), reader.dimensions[0])
+            mask = tissue_mask(thumbnail, reader.name)
+            tiles = tissue_tiles(grid, mask, reader.dimensions[0])
             key = {**settings, "level": level, "residual": residual, "tiles": [index for index, _ in tiles]}
             journal = Journal(out_dir / f"{stem}.partial", key)
             todo = [t for t in tiles if t[0] not in journal.finished]
+            options = predictor.window_options()
+            if predictor.stain is not None:
+                options["stain"] = slide_stain(predictor.stain, reader, grid, tiles)
             working_mpp = None if reader.mpp is None else reader.mpp * grid.scale
             log.info(
                 "%s: %dx%d px, level %d resized x%.3g (%s um/px), %d of %d tiles have tissue, %d already done",
@@ -308,11 +335,12 @@ def predict_slide(
             )
             predict_start = time.perf_counter()
             with tqdm(total=len(tiles), initial=len(tiles) - len(todo), desc=stem, unit="tile", disable=None) as bar:
-                _predict_tiles(predictor, reader, grid, todo, journal, pool, workers, bar)
+                _predict_tiles(predictor, reader, grid, todo, journal, pool, workers, bar, options)
             predict_seconds = time.perf_counter() - predict_start
         # the outputs are replaced now: a summary of a run with other settings must not vouch for the new ones
         (out_dir / f"{stem}_summary.json").unlink(missing_ok=True)
-        n_nuclei = write_outputs(journal, out_dir, stem, thumbnail, reader.dimensions[0])
+        n_nuclei, nuclei_area = write_outputs(journal, out_dir, stem, thumbnail, reader.dimensions[0])
+        um2_per_px = None if reader.mpp is None else reader.mpp**2  # a level-0 pixel's area
         megapixels = sum((x1 - x0) * (y1 - y0) for _, (x0, y0, x1, y1) in todo) / 1e6
         summary = {
             "slide": reader.name,
@@ -324,6 +352,7 @@ def predict_slide(
             "tile": tile,
             "halo": halo,
             "workers": workers,
+            "stain_norm": None if options.get("stain") is None else predictor.stain.method,
             "tiles": {
                 "grid": len(grid.cores()),
                 "tissue": len(tiles),
@@ -331,6 +360,10 @@ def predict_slide(
                 "resumed": len(tiles) - len(todo),
             },
             "nuclei": n_nuclei,
+            "tissue_mm2": None if um2_per_px is None else round(tissue_area(mask, reader) * um2_per_px / 1e6, 6),
+            "mean_nucleus_area_um2": (
+                round(nuclei_area / n_nuclei * um2_per_px, 3) if um2_per_px is not None and n_nuclei else None
+            ),
             "seconds_predict": round(predict_seconds, 3),
             "seconds": round(time.perf_counter() - start, 3),
             "megapixels_predicted": round(megapixels, 3),
