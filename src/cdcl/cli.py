@@ -65,7 +65,7 @@ def _add_image_options(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="UM|auto",
         help="microns per pixel of the images: they are rescaled to the model's resolution, predicted, and the "
-        "nuclei scaled back; 'auto' estimates it per image from the predicted nucleus size (two passes). "
+        "nuclei scaled back; 'auto' estimates it per image from the predicted nucleus size (2-4 passes). "
         "Default: predict at the images' own pixels",
     )
     _add_tta(p)
