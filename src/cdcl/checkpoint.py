@@ -3,8 +3,8 @@
 A checkpoint is a ``torch.save`` dict of tensors and plain Python values only, always loaded with
 ``weights_only=True``: a file whose pickle would construct arbitrary objects (and so could run a command)
 is refused. It carries the resolved config, the weights to predict with, the tuned post-processing
-thresholds, the training resolution and the stain reference (StarDist's config/thresholds idea, TIAToolbox's
-bound resolution).
+thresholds, the training resolution, the training nuclei's size and the stain reference (StarDist's
+config/thresholds idea, TIAToolbox's bound resolution).
 This module is file I/O only; the model a checkpoint rebuilds is ``cdcl.inference.predictor``'s business.
 """
 
@@ -30,14 +30,25 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
         torch.save(payload, tmp)
 
 
-LEAN_KEYS = ("cdcl_version", "config", "step", "complete", "best", "postprocess", "mpp", "stain")
+LEAN_KEYS = (
+    "cdcl_version",
+    "config",
+    "step",
+    "complete",
+    "best",
+    "postprocess",
+    "mpp",
+    "nucleus_diameter",
+    "predicted_nucleus_diameter",
+    "stain",
+)
 """What a prediction-only checkpoint keeps besides the weights it predicts with."""
 
 
 def lean_payload(payload: dict[str, Any], half: bool = False) -> dict[str, Any]:
     """Only what prediction needs: the weights ``predict_with`` names (no optimizer, no second model), the config,
-    thresholds, resolution and stain reference. ``half`` stores floating-point weights as float16 (they load back
-    as float32)."""
+    thresholds, resolution, nucleus size and stain reference. ``half`` stores floating-point weights as float16
+    (they load back as float32)."""
     key = payload.get("predict_with", "student")
     try:
         state = payload["weights"][key]

@@ -17,7 +17,7 @@ from typing import TypeVar
 from cdcl import __version__
 from cdcl.errors import CdclError
 from cdcl.ranges import check_mpp
-from cdcl.vocab import FORMATS
+from cdcl.vocab import FORMATS, TTA_MODES
 from cdcl.wsi.cluster import parse_dask, parse_resources
 from cdcl.wsi.shards import parse_shard
 
@@ -50,6 +50,35 @@ def mpp_option(option: str) -> Callable[[str], float]:
 
     parse.__name__ = "float"
     return parse
+
+
+def image_mpp(text: str) -> float | str:
+    """``type=`` of the ``--mpp`` of images: ``auto`` or a plausible microns per pixel."""
+    return text if text == "auto" else check_mpp(float(text), "--mpp")
+
+
+def _add_image_options(p: argparse.ArgumentParser) -> None:
+    """Resolution and test-time augmentation: the options of every command that predicts images."""
+    p.add_argument(
+        "--mpp",
+        type=image_mpp,
+        default=None,
+        metavar="UM|auto",
+        help="microns per pixel of the images: they are rescaled to the model's resolution, predicted, and the "
+        "nuclei scaled back; 'auto' estimates it per image from the predicted nucleus size (2-4 passes). "
+        "Default: predict at the images' own pixels",
+    )
+    _add_tta(p)
+
+
+def _add_tta(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tta",
+        choices=TTA_MODES,
+        default=None,
+        help="test-time augmentation: average each window's maps over 'flips' (4 passes) or 'dihedral' flips "
+        "and 90-degree rotations (8 passes); default: the checkpoint's infer.tta ('none')",
+    )
 
 
 def _add_checkpoint(p: argparse.ArgumentParser) -> None:
@@ -218,6 +247,7 @@ def add_evaluate(sub: Subparsers) -> None:
     p.add_argument("--split", metavar="FILE", help="list of items to evaluate (default: all labeled items)")
     _add_out(p)
     p.add_argument("--no-overlays", action="store_true", help="skip overlay PNGs")
+    _add_image_options(p)
     _add_device(p)
     p.set_defaults(handler="cdcl.commands.evaluate:run")
 
@@ -242,6 +272,7 @@ def add_predict(sub: Subparsers) -> None:
         default="labels,geojson,csv,overlay",
         help="comma-separated subset of labels,labels-tiff,geojson,csv,overlay",
     )
+    _add_image_options(p)
     _add_device(p)
     p.set_defaults(handler="cdcl.commands.predict:run")
 
@@ -279,6 +310,7 @@ def add_predict_wsi(sub: Subparsers) -> None:
         help="processes post-processing tiles (nuclei, polygons, measurements), plus one reading tiles per "
         "4 of them; 0: all in one process (default: 0 on a CPU, 4/5 of the CPU cores with a GPU)",
     )
+    _add_tta(p)
     _add_device(p, batch_size_limit=WSI_LIMITS)
     p.add_argument(
         "--shard",

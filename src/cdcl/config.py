@@ -36,6 +36,7 @@ from cdcl.vocab import (
     SELECT_BY,
     STAIN_NORMS,
     STRONG_VIEWS,
+    TTA_MODES,
     AnchorSource,
     DatasetFormat,
     EvalModel,
@@ -45,6 +46,7 @@ from cdcl.vocab import (
     ScheduleName,
     SelectBy,
     StainNorm,
+    TtaMode,
     spoken,
 )
 
@@ -255,12 +257,14 @@ class InferConfig:
     window: int = 256  # sliding-window side (multiple of 32)
     overlap: float = 0.25
     batch_size: int = 4
+    tta: TtaMode = "none"  # cdcl.vocab.TTA_MODES: test-time augmentation averaged (cdcl.inference.tta)
 
     def __post_init__(self) -> None:
         _require(
             [
                 (self.window % 32 == 0 and self.window > 0, "infer.window must be a positive multiple of 32"),
                 (0.0 <= self.overlap < 1.0, "infer.overlap must be in [0, 1)"),
+                (self.tta in TTA_MODES, f"infer.tta must be {spoken(TTA_MODES, quote=chr(39))}, got {self.tta!r}"),
             ]
         )
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from cdcl.errors import CdclError
 
 PLAUSIBLE_MPP = (0.01, 50.0)  # microns per pixel: 1000x to 0.2x objectives; outside, the metadata is wrong
+RESIDUAL_TOLERANCE = 0.10  # an image within 10% of the model's resolution is used without resizing
+MAX_UPSAMPLING = 4  # an image needing more enlargement to reach the model's resolution holds too little detail
 
 
 def plausible_mpp(value: float) -> bool:

@@ -47,5 +47,8 @@ def spoken(names: tuple[str, ...], quote: str = "") -> str:
     return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
 
 
+TtaMode = Literal["none", "flips", "dihedral"]  # infer.tta / --tta: which flips and 90-degree rotations are averaged
+TTA_MODES: tuple[str, ...] = get_args(TtaMode)
+
 CohortStatus = Literal["finished", "running", "failed", "missing"]  # a slide's row in `cdcl cohort`'s table
 COHORT_STATUSES: tuple[str, ...] = get_args(CohortStatus)

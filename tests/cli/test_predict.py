@@ -22,7 +22,7 @@ def stand_in(monkeypatch) -> None:
     """`load_predictor` returns the stand-in (dark pixels are nuclei) whatever the checkpoint path."""
     monkeypatch.setattr(
         "cdcl.commands.predict.load_predictor",
-        lambda path, device, batch_size: stand_in_predictor(batch_size=batch_size or 4),
+        lambda path, device, batch_size, tta: stand_in_predictor(batch_size=batch_size or 4, tta=tta or "none"),
     )
 
 
@@ -112,6 +112,10 @@ def test_formats_subset_and_single_files(tmp_path, inputs, stand_in) -> None:
         ("formats", "unknown --formats"),
         ("out_is_file", "cannot create output folder"),
         ("empty_folder", "no images in folder"),
+        ("mpp_zero", "--mpp must be between 0.01 and 50.0"),
+        ("mpp_huge", "--mpp must be between 0.01 and 50.0"),
+        ("mpp_too_coarse", "more than 4x coarser than the model's 0.25"),
+        ("mpp_auto_without_size", "--mpp auto needs the training nucleus size"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, inputs, stand_in, capsys, case, message) -> None:
@@ -133,6 +137,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, inputs, stand_in, capsys, ca
     elif case == "empty_folder":
         (tmp_path / "empty").mkdir()
         args = [str(tmp_path / "empty")]
+    elif case.startswith("mpp"):
+        extra = ["--mpp", {"mpp_zero": "0", "mpp_huge": "60", "mpp_too_coarse": "1.2"}.get(case, "auto")]
     code = main(["predict", "--checkpoint", "m.pt", *args, "--out", str(out), *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2
@@ -144,3 +150,27 @@ def test_summary_lines_are_reported(tmp_path, inputs, stand_in, caplog) -> None:
         assert main(["predict", "--checkpoint", "m.pt", str(inputs / "discs.tif"), "--out", str(tmp_path / "o")]) == 0
     assert "1 image(s), 3 nuclei" in caplog.text
     assert json.loads((tmp_path / "o" / "discs.geojson").read_text())["type"] == "FeatureCollection"
+
+
+def test_mpp_predicts_at_the_model_resolution_and_writes_the_image_size(tmp_path, inputs, stand_in) -> None:
+    """Discs at 0.5 um/px for the stand-in's 0.25: predicted enlarged 2x, written at the image's 150 x 200 px."""
+    plain, scaled = tmp_path / "plain", tmp_path / "scaled"
+    for out, extra in ((plain, []), (scaled, ["--mpp", "0.5"])):
+        args = ["predict", "--checkpoint", "m.pt", str(inputs / "discs.tif"), "--out", str(out), "--formats", "labels"]
+        assert main([*args, *extra]) == 0
+    a, b = (np.asarray(Image.open(folder / "discs_labels.png")) for folder in (plain, scaled))
+    assert a.shape == b.shape == (150, 200) and a.max() == b.max() == 3
+    assert np.mean((a > 0) != (b > 0)) < 0.01
+
+
+def test_tta_reaches_the_predictor(tmp_path, inputs, monkeypatch) -> None:
+    made = []
+    monkeypatch.setattr(
+        "cdcl.commands.predict.load_predictor",
+        lambda path, device, batch_size, tta: made.append(stand_in_predictor(tta=tta)) or made[-1],
+    )
+    out = tmp_path / "out"
+    assert (
+        main(["predict", "--checkpoint", "m.pt", str(inputs / "discs.tif"), "--out", str(out), "--tta", "flips"]) == 0
+    )
+    assert [p.tta for p in made] == ["flips"] and len(list(out.glob("discs*"))) == 4

@@ -296,7 +296,10 @@ def test_stain_normalisation_is_fitted_on_the_labeled_images_stored_and_applied_
 
 
 def test_each_checkpoint_carries_the_thresholds_tuned_for_its_own_weights(tiny, tmp_path):
-    from cdcl.instances.postprocess import tune_params
+    """... and the size of the nuclei those weights predict on val (what `--mpp auto` aims at), beside the
+    labeled masks' nucleus size."""
+    from cdcl.instances.postprocess import instances_from_maps, tune_params
+    from cdcl.instances.sizes import nucleus_diameter
     from cdcl.training.engine import predict_probabilities
 
     data, split = tiny
@@ -306,8 +309,14 @@ def test_each_checkpoint_carries_the_thresholds_tuned_for_its_own_weights(tiny, 
     gts = [it.instances for it in trainer.splits.val]
     for name in ("best.pt", "last.pt"):
         predictor = load_predictor(tmp_path / name, "cpu")
-        params, _ = tune_params(predict_probabilities(predictor.model, trainer.splits.val, config, trainer.device), gts)
-        assert load_checkpoint(tmp_path / name)["postprocess"] == params.to_dict(), name
+        probs = predict_probabilities(predictor.model, trainer.splits.val, config, trainer.device)
+        params, _ = tune_params(probs, gts)
+        stored = load_checkpoint(tmp_path / name)
+        assert stored["postprocess"] == params.to_dict(), name
+        size = nucleus_diameter(instances_from_maps(p, params) for p in probs)
+        assert stored["predicted_nucleus_diameter"] == size, name
+        assert stored["nucleus_diameter"] == nucleus_diameter(it.instances for it in trainer.splits.labeled) > 0
+        assert predictor.nucleus_diameter == (size or stored["nucleus_diameter"])
     assert {"val/aji_tuned", "val/aji_tuned_last"} <= {k for r in records(tmp_path) for k in r}
 
 

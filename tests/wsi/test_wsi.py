@@ -54,7 +54,9 @@ def checkpoint(tmp_path, monkeypatch) -> str:
     path.write_bytes(b"stand-in")
     monkeypatch.setattr(
         "cdcl.commands.predict_wsi.load_predictor",
-        lambda path, device, batch_size: stand_in_predictor(window=256, batch_size=batch_size or 4),
+        lambda path, device, batch_size, tta: stand_in_predictor(
+            window=256, batch_size=batch_size or 4, tta=tta or "none"
+        ),
     )
     return str(path)
 
@@ -92,6 +94,23 @@ def test_seam_nuclei_come_out_once_and_whole(tmp_path, disc_slide) -> None:
         "discs_overlay.png",
         "discs_summary.json",
     ]
+
+
+def test_slides_get_test_time_augmentation(tmp_path, disc_slide) -> None:
+    """The stand-in is pointwise, so flips and rotations of every window change nothing: the same nuclei."""
+    image, _ = disc_slide
+    for tta in ("none", "dihedral"):
+        predict_slide(
+            stand_in_predictor(tta=tta),
+            ArrayReader(image, mpp=0.25),
+            tmp_path / tta,
+            stem="d",
+            tile=128,
+            halo=32,
+            workers=0,
+        )
+    plain, augmented = (read_csv(tmp_path / tta / "d_nuclei.csv") for tta in ("none", "dihedral"))
+    assert len(plain) == len(DISCS) and augmented == plain
 
 
 def test_two_slides_share_an_output_folder(tmp_path, disc_slide) -> None:
@@ -487,6 +506,7 @@ def test_the_resume_key_holds_the_device_and_precision(tmp_path, mosaic, checkpo
         == 0
     )
     assert keys[0]["device"] == "cpu" and keys[0]["amp"] is False and keys[0]["mpp"] == pytest.approx(0.25)
+    assert keys[0]["tta"] == "none"
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,8 @@
 
 Folders are read non-recursively in sorted order; files without an image suffix inside a folder are skipped
 with a warning, while an image that cannot be read is an error (a silently missing result is worse than a
-stop). Images are predicted at their own resolution (tiles carry no reliable microns-per-pixel).
+stop). Images are predicted at their own pixels (tiles carry no reliable microns-per-pixel) unless ``--mpp``
+gives theirs or asks for an estimate (``cdcl.inference.resolution``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from tqdm import tqdm
 
 from cdcl.data.images import IMAGE_SUFFIXES, read_image
 from cdcl.errors import CdclError
-from cdcl.inference.predictor import Predictor, load_predictor, predict_instances
+from cdcl.inference.predictor import Predictor, load_predictor
+from cdcl.inference.resolution import check_request, log_estimates, predict_at
 from cdcl.instances.export import nuclei_polygons, nuclei_table, write_csv, write_geojson, write_label_map
 from cdcl.io import collect_inputs, ensure_writable_dir, save_png
 from cdcl.viz import overlay_contours
@@ -52,13 +54,18 @@ def write_outputs(out_dir: Path, stem: str, image: np.ndarray, labels: np.ndarra
     return len(rows)
 
 
-def predict_files(predictor: Predictor, images: list[Path], out_dir: Path, formats: list[str]) -> int:
-    """Predict and export every image; returns the total number of nuclei."""
-    total = 0
+def predict_files(
+    predictor: Predictor, images: list[Path], out_dir: Path, formats: list[str], mpp: float | str | None = None
+) -> int:
+    """Predict and export every image (``mpp``: see :func:`cdcl.inference.resolution.predict_at`); returns the
+    total number of nuclei."""
+    total, scales = 0, []
     for path in tqdm(images, desc="predict", unit="image", disable=None):
         image = read_image(path)
-        _, labels = predict_instances(predictor, image)
+        labels, scale = predict_at(predictor, image, mpp, path.name)
+        scales.append(scale)
         total += write_outputs(out_dir, path.stem, image, labels, formats)
+    log_estimates(predictor, mpp, scales)
     return total
 
 
@@ -66,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     formats = parse_formats(args.formats)
     images = collect_inputs(args.inputs, IMAGE_SUFFIXES, "images")
     out_dir = ensure_writable_dir(args.out)
-    predictor = load_predictor(args.checkpoint, device=args.device, batch_size=args.batch_size)
-    total = predict_files(predictor, images, out_dir, formats)
+    predictor = load_predictor(args.checkpoint, device=args.device, batch_size=args.batch_size, tta=args.tta)
+    check_request(predictor, args.mpp, args.checkpoint)
+    total = predict_files(predictor, images, out_dir, formats, args.mpp)
     log.info("%d image(s), %d nuclei -> %s", len(images), total, out_dir)
     return 0

@@ -33,7 +33,7 @@ def _load_checked(args: argparse.Namespace) -> tuple[Predictor, dict]:
     before any task is sent (the workers load it on ``--device``)."""
     checkpoint = checkpoint_key(args.checkpoint)  # the file loaded now, whatever becomes of it during a long batch
     device = "cpu" if args.dask else args.device
-    predictor = load_predictor(args.checkpoint, device=device, batch_size=args.batch_size)
+    predictor = load_predictor(args.checkpoint, device=device, batch_size=args.batch_size, tta=args.tta)
     if file_key(args.checkpoint) != {k: v for k, v in (checkpoint or {}).items() if k != "sha256"}:
         raise CdclError(
             "the checkpoint changed while it was being loaded (a training run saving it?); run again", args.checkpoint
@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
                 checkpoint_key=checkpoint,
                 device=args.device,
                 batch_size=args.batch_size,
+                tta=predictor.tta,
                 mpp=args.mpp,
                 tile=args.tile,
                 halo=args.halo,

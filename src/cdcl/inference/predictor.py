@@ -18,10 +18,11 @@ from cdcl.checkpoint import load_checkpoint
 from cdcl.config import Config, config_from_dict
 from cdcl.data.stain import StainNormalizer
 from cdcl.errors import CdclError, squashed
-from cdcl.inference.window import sliding_window_probability, windows_per_batch
+from cdcl.inference.window import MULTIPLE, sliding_window_probability, windows_per_batch
 from cdcl.instances.postprocess import PostprocessParams, instances_from_maps
 from cdcl.models import build_model
 from cdcl.runtime import resolve_device
+from cdcl.vocab import TTA_MODES, spoken
 
 
 @dataclass
@@ -38,6 +39,8 @@ class Predictor:
     amp: bool
     config: Config
     stain: StainNormalizer | None = None  # the training images' stain normalisation (data.stain_norm), or None
+    tta: str = "none"  # cdcl.vocab.TTA_MODES
+    nucleus_diameter: float | None = None  # training nuclei's size, px at ``mpp`` (--mpp auto; see load_predictor)
 
     def window_options(self) -> dict[str, Any]:
         """How the model runs over an image: the keyword options of ``cdcl.inference.window.start_probability``."""
@@ -48,6 +51,7 @@ class Predictor:
             "device": self.device,
             "amp": self.amp,
             "stain": self.stain,
+            "tta": self.tta,
         }
 
 
@@ -85,15 +89,29 @@ def stain_from_checkpoint(payload: dict[str, Any], config: Config, path: str | P
         raise CdclError(f"checkpoint stain reference is invalid ({exc})", path) from None
 
 
-def load_predictor(path: str | Path, device: str = "auto", batch_size: int | None = None) -> Predictor:
+def load_predictor(
+    path: str | Path, device: str = "auto", batch_size: int | None = None, tta: str | None = None
+) -> Predictor:
     """Build a ready-to-run ``Predictor`` from a checkpoint file; ``batch_size``: windows per forward pass (None:
-    :func:`cdcl.inference.window.windows_per_batch`)."""
+    :func:`cdcl.inference.window.windows_per_batch`); ``tta``: a :data:`cdcl.vocab.TTA_MODES` (None: the
+    checkpoint's ``infer.tta``). The nucleus size ``--mpp auto`` aims at is the model's own, measured on its val
+    predictions at the end of training, when stored (its bias then cancels), else the labeled masks'."""
     payload = load_checkpoint(path)
     try:
         config = config_from_dict(payload["config"])
         params = PostprocessParams.from_dict(payload.get("postprocess") or {})
     except (KeyError, ValueError, TypeError, CdclError) as exc:
         raise CdclError(f"checkpoint metadata is invalid ({exc})", path) from None
+    window = config.infer.window
+    if window <= 0 or window % MULTIPLE:  # a stored config is rebuilt unchecked
+        raise CdclError(
+            f"the checkpoint's window (infer.window {window}) does not fit the model: it must be a positive "
+            f"multiple of {MULTIPLE} in every orientation (plain or --tta)",
+            path,
+        )
+    tta = config.infer.tta if tta is None else tta
+    if tta not in TTA_MODES:
+        raise CdclError(f"unknown test-time augmentation '{tta}' (infer.tta): choose {spoken(TTA_MODES)}", path)
     dev = resolve_device(device)
     model = model_from_checkpoint(payload, path).to(dev).eval()
     return Predictor(
@@ -101,12 +119,14 @@ def load_predictor(path: str | Path, device: str = "auto", batch_size: int | Non
         device=dev,
         postprocess=params,
         mpp=config.data.mpp,
-        window=config.infer.window,
+        window=window,
         overlap=config.infer.overlap,
         batch_size=windows_per_batch(batch_size, config.infer.batch_size, dev),
         amp=config.train.amp and dev.type == "cuda",
         config=config,
         stain=stain_from_checkpoint(payload, config, path),
+        tta=tta,
+        nucleus_diameter=payload.get("predicted_nucleus_diameter") or payload.get("nucleus_diameter"),
     )
 
 

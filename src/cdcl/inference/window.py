@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cdcl.instances.representations import MAP_CHANNELS, prediction_maps, representation_of
+from cdcl.inference.tta import augmented_maps
+from cdcl.instances.representations import MAP_CHANNELS, representation_of
 from cdcl.runtime import amp_dtype
 from cdcl.windows import window_starts
 
@@ -126,6 +127,7 @@ def start_probability(
     device: torch.device | str | None = None,
     amp: bool = False,
     stain: Callable[[np.ndarray], np.ndarray] | None = None,
+    tta: str = "none",
 ) -> PendingProbability:
     """Queue the prediction maps of ``image`` on the device and return without waiting for it: the HxW
     foreground probability of a binary model, or the 2xHxW foreground probability and marker strength of a
@@ -133,8 +135,9 @@ def start_probability(
 
     Images of any size are accepted: a side shorter than ``window`` gets one window of that side rounded up to a
     multiple of 32, and the image is reflect-padded to fill it. ``device`` defaults to the model's; ``amp``
-    enables autocast on CUDA only. ``stain`` recolours the image first (``cdcl.data.stain``: the checkpoint's stain
-    normalisation); this is the one place every prediction passes through.
+    enables autocast on CUDA only; ``tta`` averages each window's maps over flips and rotations
+    (``cdcl.inference.tta``; ``none``: one pass). ``stain`` recolours the image first (``cdcl.data.stain``: the
+    checkpoint's stain normalisation); this is the one place every prediction passes through.
 
     Windows are cut from the image on the device and blended there when the padded image has at most
     ``STITCH_ON_DEVICE_PIXELS`` pixels, so a CUDA run synchronises once per image rather than once per batch;
@@ -165,8 +168,8 @@ def start_probability(
     with torch.inference_mode(), autocast(device, amp):
         for batch in _batches(corners, max(1, batch_size)):
             crops = torch.stack([pixels[y : y + win_h, x : x + win_w] for y, x in batch]).to(device, non_blocking=True)
-            logits = model(crops.permute(0, 3, 1, 2).float().div_(255.0))["logits"].float()
-            weighted = (prediction_maps(logits, representation) * weight).to(stitch)
+            maps = augmented_maps(model, crops.permute(0, 3, 1, 2).float().div_(255.0), representation, tta)
+            weighted = (maps * weight).to(stitch)
             for (y, x), prob in zip(batch, weighted):
                 acc[..., y : y + win_h, x : x + win_w] += prob
                 norm[y : y + win_h, x : x + win_w] += weight_stitch

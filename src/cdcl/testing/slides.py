@@ -89,7 +89,12 @@ class DarkStandIn(torch.nn.Module):
 
 
 def stand_in_predictor(
-    model: torch.nn.Module | None = None, *, mpp: float | None = 0.25, window: int = 128, batch_size: int = 4
+    model: torch.nn.Module | None = None,
+    *,
+    mpp: float | None = 0.25,
+    window: int = 128,
+    batch_size: int = 4,
+    tta: str = "none",
 ) -> Predictor:
     """A CPU ``Predictor`` around a stand-in model with default post-processing."""
     return Predictor(
@@ -102,6 +107,7 @@ def stand_in_predictor(
         batch_size=batch_size,
         amp=False,
         config=None,
+        tta=tta,
     )
 
 

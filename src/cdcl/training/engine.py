@@ -36,6 +36,7 @@ from cdcl.data.stain import StainNormalizer, fit_reference
 from cdcl.errors import CdclError, squashed
 from cdcl.inference.window import foreground_of, sliding_window_probability, windows_per_batch
 from cdcl.instances.postprocess import PostprocessParams, instances_from_maps, tune_params
+from cdcl.instances.sizes import nucleus_diameter
 from cdcl.io import complete_lines, ensure_writable_dir, remove_leftover_temporaries, write_text_atomic
 from cdcl.methods import build_method
 from cdcl.methods.losses import ema_alpha
@@ -248,6 +249,8 @@ class Trainer:
             ensure_writable_dir(self.out)
         self.method = build_method(config.method, config.model.instances)
         self.splits = load_splits(config, self.method.uses_unlabeled)
+        # the training nuclei's typical diameter (px at data.mpp): what `--mpp auto` compares predicted nuclei to
+        self.nucleus_diameter = nucleus_diameter(it.instances for it in self.splits.labeled)
         self.stain = stain_reference(config, self.splits.labeled)
         self.student = build_model(config.model).to(device)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
@@ -256,6 +259,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.step, self.best, self.best_step, self.skipped = 0, -1.0, -1, 0
         self.postprocess: dict | None = None
+        self.predicted_diameter: float | None = None  # the same, of the nuclei its weights predict on val
         self.complete = False
 
     # ---- checkpoints -------------------------------------------------------------------------------
@@ -276,6 +280,8 @@ class Trainer:
             "skipped": self.skipped,
             "postprocess": self.postprocess,
             "mpp": cfg.data.mpp,
+            "nucleus_diameter": self.nucleus_diameter,
+            "predicted_nucleus_diameter": self.predicted_diameter,
             "stain": None if self.stain is None else self.stain.to_dict(),
         }
 
@@ -323,6 +329,7 @@ class Trainer:
             payload["best"]["step"] if by in payload["best"] else -1,
         )
         self.postprocess, self.complete = payload.get("postprocess"), payload.get("complete", False)
+        self.predicted_diameter = payload.get("predicted_nucleus_diameter")
         log.info("resuming %s at iteration %d", self.out, self.step)
 
     # ---- logging -------------------------------------------------------------------------------------
@@ -521,13 +528,13 @@ class Trainer:
             best = load_checkpoint(best_path)
             model = copy.deepcopy(self.teacher)
             model.load_state_dict(best["weights"][best["predict_with"]])
-            best["postprocess"], score = self._tune(model)
+            best["postprocess"], score, best["predicted_nucleus_diameter"] = self._tune(model)
             self._log({"iteration": self.step, "val/aji_tuned": score})
             best["complete"] = True
             save_checkpoint(best_path, lean_payload(best))
-            self.postprocess = best["postprocess"]
+            self.postprocess, self.predicted_diameter = best["postprocess"], best["predicted_nucleus_diameter"]
             if self.best_step != self.step:  # else the final weights are the best ones
-                self.postprocess, score = self._tune(
+                self.postprocess, score, self.predicted_diameter = self._tune(
                     self.teacher if self.config.train.eval_model == "ema" else self.student
                 )
             self._log({"iteration": self.step, "val/aji_tuned_last": score})
@@ -535,11 +542,13 @@ class Trainer:
         self.save("last.pt")
         plot_training_curves(self._records(), self.out / "curves.png")
 
-    def _tune(self, model: nn.Module) -> tuple[dict, float]:
-        """Post-processing settings with the best mean AJI on the validation images for ``model``, and that AJI."""
+    def _tune(self, model: nn.Module) -> tuple[dict, float, float | None]:
+        """Post-processing settings with the best mean AJI on the validation images for ``model``, that AJI, and
+        the size of the nuclei ``model`` then finds there: what `--mpp auto` compares with (the model's own
+        nuclei at the training resolution, so its bias cancels)."""
         probs = predict_probabilities(model, self.splits.val, self.config, self.device, self.stain)
         params, score = tune_params(probs, [it.instances for it in self.splits.val])
-        return params.to_dict(), score
+        return params.to_dict(), score, nucleus_diameter(instances_from_maps(p, params) for p in probs)
 
     def summary(self) -> dict[str, Any]:
         return {

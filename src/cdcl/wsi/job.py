@@ -57,6 +57,7 @@ class SlideJob:
     checkpoint_key: dict[str, Any]  # checkpoint_key() when the command loaded and checked it
     device: str
     batch_size: int | None
+    tta: str  # --tta, or the checkpoint's infer.tta
     mpp: float | None  # --mpp: level 0's microns per pixel, for every slide
     tile: int
     halo: int
@@ -71,7 +72,8 @@ def run_job(job: SlideJob, predictor: Predictor, reader: SlideReader) -> dict[st
         "mpp": reader.mpp,
         "device": predictor.device.type,
         "amp": predictor.amp,
-    }  # a resumed run must not mix GPU and CPU tiles
+        "tta": predictor.tta,
+    }  # a resumed run must not mix GPU and CPU tiles, nor augmented and plain ones
     stem = job.slide.stem
     summary = predict_slide(
         predictor,
@@ -102,9 +104,9 @@ def report(summary: dict[str, Any], out_dir: Path) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _worker_predictor(checkpoint: Path, sha256: str, device: str, batch_size: int | None) -> Predictor:
+def _worker_predictor(checkpoint: Path, sha256: str, device: str, batch_size: int | None, tta: str) -> Predictor:
     """The predictor of a worker process, loaded by its first job and kept for the next (same checkpoint)."""
-    return load_predictor(checkpoint, device=device, batch_size=batch_size)
+    return load_predictor(checkpoint, device=device, batch_size=batch_size, tta=tta)
 
 
 def predict_on_worker(job: SlideJob) -> dict[str, Any]:
@@ -113,7 +115,7 @@ def predict_on_worker(job: SlideJob) -> dict[str, Any]:
     key = file_key(job.checkpoint)
     if key is None or any(key[name] != job.checkpoint_key[name] for name in key):
         raise CdclError("the checkpoint changed since the command started; run again", job.checkpoint)
-    predictor = _worker_predictor(job.checkpoint, job.checkpoint_key["sha256"], job.device, job.batch_size)
+    predictor = _worker_predictor(job.checkpoint, job.checkpoint_key["sha256"], job.device, job.batch_size, job.tta)
     workers = default_workers(predictor.device) if job.workers is None else job.workers
     if workers and multiprocessing.current_process().daemon:
         raise CdclError(

@@ -18,13 +18,11 @@ from PIL import Image
 from skimage.filters import threshold_otsu
 
 from cdcl.errors import CdclError, squashed
-from cdcl.ranges import check_mpp, plausible_mpp
+from cdcl.ranges import MAX_UPSAMPLING, RESIDUAL_TOLERANCE, check_mpp, plausible_mpp
 
 log = logging.getLogger(__name__)
 
 BACKGROUND = (255, 255, 255)
-RESIDUAL_TOLERANCE = 0.10  # a level within 10% of the target resolution is used without resizing
-MAX_UPSAMPLING = 4  # a slide needing more enlargement to reach the model's resolution holds too little detail
 THUMBNAIL_CHUNK = 4096  # a level larger than this squared is shrunk to a thumbnail in pieces of this side
 SATURATION_BOUNDS = (0.04, 0.15)  # Otsu's saturation threshold is clamped into this range (see tissue_mask)
 THUMB_SIDE = 2048  # thumbnail for the tissue mask and the overlay: fixed, whatever the slide size
