@@ -209,13 +209,15 @@ def write_dsb2018_type(out: Path, data: Path, monuseg_train: list[Item]) -> None
     by_group = {g: [dataset.item(r["name"]) for r in rows if r["group"] == g] for g in GROUPS}
     diameters = {"monuseg-train": median_diameter(monuseg_train)}
     diameters |= {g: median_diameter(items) for g, items in by_group.items()}
+    diameters["tissue-unlabeled"] = median_diameter([dataset.item(n) for n in parts["tissue_unlabeled"]])
     resolution = {
         "median_nucleus_diameter_px": diameters,
         "monuseg_mpp": 0.25,
-        "tissue_mpp_from_monuseg": round(0.25 * diameters["monuseg-train"] / diameters["tissue"], 3),
-        "tissue_scale_from_fluorescence": round(diameters["fluorescence"] / diameters["tissue"], 3),
+        "tissue_mpp_from_monuseg": round(0.25 * diameters["monuseg-train"] / diameters["tissue-unlabeled"], 3),
+        "tissue_scale_from_fluorescence": round(diameters["fluorescence"] / diameters["tissue-unlabeled"], 3),
         "note": "tissue_mpp_from_monuseg: the microns per pixel at which DSB tissue nuclei have MoNuSeg's median "
-        "size (MoNuSeg is 0.25 um/px at 40x); the DSB fluorescence models have no mpp, so their scale is a ratio",
+        "size (MoNuSeg is 0.25 um/px at 40x), measured on the target validation images (unlabeled-tissue.txt), "
+        "never the test ones; the DSB fluorescence models have no mpp, so their scale is a ratio",
     }
     write_text_atomic(out / "resolution.json", json.dumps(resolution, indent=2) + "\n")
 
