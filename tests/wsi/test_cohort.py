@@ -7,6 +7,7 @@ import fcntl
 import json
 from pathlib import Path
 
+import distributed  # in the dev extra, so the Dask route is tested on every run
 import numpy as np
 import pytest
 
@@ -83,8 +84,6 @@ def test_cdcl_cohort_names_the_slides_without_outputs(tmp_path, capsys) -> None:
 
 
 # ---- Dask ----------------------------------------------------------------------------------------------------------
-
-distributed = pytest.importorskip("distributed")
 
 
 @pytest.fixture(scope="module")
