@@ -14,12 +14,14 @@ import pytest
 import torch
 
 from cdcl.checkpoint import load_checkpoint
+from cdcl.wsi.cohort import HISTOGRAM, TABLE
 from cdcl.wsi.handoff import remove_orphaned_blocks
 
 from helpers.cli_cases import Running, World, assert_ok, run_cdcl, start_cdcl, stray_files, write_slide
 
 ITERATIONS = 8
 SLIDE_OUTPUTS = ("slide.geojson", "slide_nuclei.csv", "slide_overlay.png", "slide_summary.json")
+RUN_OUTPUTS = (TABLE, HISTOGRAM)  # the cohort table every predict-wsi run ends with
 
 
 def train_args(world: World, run: Path) -> list[str]:
@@ -229,4 +231,4 @@ def test_predict_wsi_killed_mid_run_resumes_to_the_same_files(world, tmp_path, r
     assert killed[0], "the first kill came after the run had finished"
     if killed[1]:  # the second run had journalled every tile before it was killed in the final write
         assert summary["tiles"]["resumed"] == summary["tiles"]["tissue"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(SLIDE_OUTPUTS)
+    assert sorted(p.name for p in out.iterdir()) == sorted(SLIDE_OUTPUTS + RUN_OUTPUTS)
