@@ -125,6 +125,8 @@ SWITCHES = {
 }
 """Issue 22 on MoNuSeg 1/16 -> DSB tissue: the stain switches, and the lab's route (labels from MoNuSeg, unlabeled
 images from the target), each evaluated like the plain supervised run."""
+EVAL_SWITCHES = {"supervised-tta": ("supervised", ("--tta", "dihedral"))}
+"""Prediction-time switches on the target images (the in-domain score stays plain): same checkpoints, other options."""
 DATASETS = (*TRACKS, *CROSS)
 
 
@@ -139,6 +141,7 @@ class Run:
     run_seed: int | None = None
     shares: str | None = None  # key of the run whose folder (the same training) this one uses
     source: Run | None = None  # cross-dataset: the run whose checkpoints are evaluated
+    eval_args: tuple[str, ...] = ()  # cross-dataset: extra `cdcl evaluate` options for the target images (e.g. --tta)
 
     @property
     def train_seed(self) -> int:
@@ -188,6 +191,9 @@ def plan() -> list[Run]:
         for name, (source, method, overrides) in SWITCHES.items():
             trained = Run(source, "1-16", seed, name, method, overrides)
             runs.append(Run("monuseg->dsb-tissue", "1-16", seed, name, method, source=trained))
+        for name, (method, options) in EVAL_SWITCHES.items():
+            trained = Run("monuseg", "1-16", seed, method, method)
+            runs.append(Run("monuseg->dsb-tissue", "1-16", seed, name, method, source=trained, eval_args=options))
     for seed in range(SPLIT_SEEDS["1-8"]):
         runs.append(Run("monuseg", "full", seed, "supervised", "supervised"))
         runs.extend(Run("monuseg", "1-8", seed, m, m) for m in PLAN_METHODS)
@@ -292,7 +298,7 @@ def settings(run: Run, extra: list[str]) -> dict:
     trained = run.source or run
     out = {"config": str(trained.config), "overrides": train_sets(trained, extra)}
     if run.source is not None:
-        out |= {"test": CROSS[run.dataset].test, "mpp": cross_mpp(run.dataset)}
+        out |= {"test": CROSS[run.dataset].test, "mpp": cross_mpp(run.dataset), "eval_args": list(run.eval_args)}
     return out
 
 
@@ -343,14 +349,20 @@ def rel(path: Path) -> str:
 
 
 def evaluate(
-    checkpoint: Path, track: Track, test: Path | str, out: Path, data_root: str, mpp: float | None = None
+    checkpoint: Path,
+    track: Track,
+    test: Path | str,
+    out: Path,
+    data_root: str,
+    mpp: float | None = None,
+    options: tuple[str, ...] = (),
 ) -> tuple[dict, list[str], float]:
     """Metrics of one checkpoint on one test list, the command and its seconds."""
     data = data_of(track, data_root)
     command = cdcl(
         "evaluate", "--checkpoint", rel(checkpoint), "--data", data, "--format", track.format, "--split", str(test)
     )
-    command += ["--out", rel(out), "--no-overlays"]
+    command += ["--out", rel(out), "--no-overlays", *options]
     if mpp is not None and evaluate_has_mpp():
         command += ["--mpp", str(mpp)]
     start = time.time()
@@ -367,14 +379,20 @@ def execute(run: Run, extra: list[str], data_root: str = DEFAULT_DATA) -> dict:
     trained = run.source or run
     train_cmd = train(trained, extra, data_root)
     cross = CROSS.get(run.dataset)
-    safe = run.dataset.replace("->", "-to-")
+    safe = run.dataset.replace("->", "-to-") + "".join(f"_{a.strip('-')}" for a in run.eval_args)
     target = cross.target if cross else TRACKS[run.dataset]
     test = cross.test if cross else run.split_dir / "test.txt"
     mpp = cross_mpp(run.dataset) if cross else None
     scores, commands, eval_s = {}, [], 0.0
     for which in ("last", "best"):
         metrics, command, seconds = evaluate(
-            run.run_dir / f"{which}.pt", target, test, run.run_dir / f"eval_{safe}_{which}", data_root, mpp
+            run.run_dir / f"{which}.pt",
+            target,
+            test,
+            run.run_dir / f"eval_{safe}_{which}",
+            data_root,
+            mpp,
+            run.eval_args,
         )
         scores[which] = {"mean": metrics["mean"], "pooled": metrics["pooled"]}
         commands.append(shown(command))
@@ -391,7 +409,9 @@ def execute(run: Run, extra: list[str], data_root: str = DEFAULT_DATA) -> dict:
         commands.append(shown(command))
         if cross.val:
             out = run.run_dir / f"eval_{safe}_val_last"
-            metrics, command, _ = evaluate(run.run_dir / "last.pt", target, cross.val, out, data_root, mpp)
+            metrics, command, _ = evaluate(
+                run.run_dir / "last.pt", target, cross.val, out, data_root, mpp, run.eval_args
+            )
             record["target_val"] = {"mean": metrics["mean"], "pooled": metrics["pooled"]}
             commands.append(shown(command))
     return (

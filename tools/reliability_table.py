@@ -2,7 +2,7 @@
 
     rm -f /tmp/cases.jsonl
     CDCL_RELIABILITY_JSON=/tmp/cases.jsonl pytest tests/cli/test_bad_inputs.py tests/cli/test_interrupts.py \\
-        tests/training/test_numerics.py tests/cli/test_security.py
+        tests/training/test_numerics.py tests/cli/test_security.py tests/cli/test_lab_slides.py
     python tools/reliability_table.py /tmp/cases.jsonl docs/RELIABILITY.md
 
 Each test appends one JSON line per case (see ``tests/helpers/cli_cases.py``): suite, command, input, expected outcome,
