@@ -35,6 +35,11 @@ SUITES = {
         "tests/training/test_numerics.py: NaN injected into batches and statistics during "
         "training (in-process), and CDCL's loss terms on degenerate unlabeled batches.",
     ),
+    "lab_slides": (
+        "Another lab's slides",
+        "tests/cli/test_lab_slides.py: resolution (`--mpp`, `--mpp auto`) and test-time augmentation (`--tta`) "
+        "options of `predict` and `evaluate` that cannot apply to the checkpoint or the images.",
+    ),
     "security": (
         "Security",
         "tests/cli/test_security.py: files from untrusted sources. For the resource attacks, the "
