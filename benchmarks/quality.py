@@ -121,6 +121,11 @@ SWITCHES = {
     "supervised-hed": ("monuseg", "supervised", ["augment.stain=hed"]),
     "supervised-reinhard": ("monuseg", "supervised", ["data.stain_norm=reinhard"]),
     "cdcl-target": ("monuseg-lab", "cdcl", [f"data.unlabeled_root={TARGET_TILES}"]),
+    "cdcl-target-reinhard": (
+        "monuseg-lab",
+        "cdcl",
+        [f"data.unlabeled_root={TARGET_TILES}", "data.stain_norm=reinhard"],
+    ),
     "supervised-hed-scale": ("monuseg", "supervised", ["augment.stain=hed", "augment.scale=[0.5,2.0]"]),
 }
 """Issue 22 on MoNuSeg 1/16 -> DSB tissue: the stain switches, and the lab's route (labels from MoNuSeg, unlabeled
