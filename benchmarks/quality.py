@@ -615,10 +615,12 @@ def pairs(groups: dict, ds: str, budget: str, minuend: str, base: str) -> list[t
 
 
 def v2_gaps(groups: dict) -> list[str]:
-    """Each semi-supervised method minus supervised, and CDCL minus UniMatch, paired on dataset, budget, split and
-    seed; in points of the last-iteration score."""
+    """Each semi-supervised method (and each cross-dataset switch) minus supervised, and CDCL minus UniMatch,
+    paired on dataset, budget, split and seed; in points of the last-iteration score."""
     lines = table_head("dataset", "labeled", "method", "minus", "pairs", "Dice points", "AJI points", "PQ points")
     comparisons = [(m, "supervised") for m in PLAN_METHODS[1:]] + [("cdcl", "unimatch")]
+    comparisons += [(name, "supervised") for name in [*SWITCHES, *EVAL_SWITCHES]]
+    comparisons += [("cdcl-target-reinhard", "supervised-reinhard")]  # the lab route beside its own baseline
     budgets = sorted({(ds, b) for ds, b, _ in groups}, key=lambda k: rank(*k))
     for ds, budget in budgets:
         for minuend, base in comparisons:
@@ -700,7 +702,10 @@ def report(results: dict) -> None:
         "were.\n\n" + v1_tables(v1)
     ]
     (RESULTS / "quality.md").write_text("\n\n".join(sections) + "\n")
-    plot(v2 or v1, "last iteration" if v2 else "protocol 1, best on val")
+    budgets = {budget for ds, budget, _ in v2 if ds == "monuseg"}
+    plot(v2, "last iteration") if len(budgets) > 1 else plot(v1, "protocol 1, best on val")
+    if any(ds in CROSS for ds, _, _ in v2):
+        plot_cross(v2)
 
 
 def v1_tables(groups: dict) -> str:
@@ -754,6 +759,35 @@ def plot(groups: dict, which: str) -> None:
     fig.suptitle(f"MoNuSeg test images ({which}; mean and 95% t-interval over seeded splits)")
     fig.tight_layout()
     fig.savefig(RESULTS / "quality.png", dpi=110)
+
+
+def plot_cross(groups: dict) -> None:
+    """Per cross-dataset track, target Dice and AJI of every row (bars: mean, 95% t-interval over seeds), the
+    in-domain score of the same checkpoints as a marker: what each switch buys on another lab's images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(key, recs) for key, recs in ordered(groups) if key[0] in CROSS]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(rows) + 1.5), sharey=True)
+    labels = [f"{ds}: {name} (n={len(recs)})" for (ds, _, name), recs in rows]
+    for ax, metric in zip(axes, ("dice", "aji")):
+        for y, (_, recs) in enumerate(rows):
+            m, low, _ = t_interval([score(r, metric) for r in recs])
+            ax.barh(y, m, xerr=None if math.isnan(low) else m - low, capsize=3, color="tab:blue", alpha=0.7)
+            domain = sum(r["in_domain"]["mean"][metric] for r in recs) / len(recs)
+            ax.plot(domain, y, "k|", markersize=14, label="in-domain" if y == 0 else None)
+        ax.set_xlabel(f"target {LABELS[metric]}")
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3, axis="x")
+    axes[0].set_yticks(range(len(rows)), labels)
+    axes[0].invert_yaxis()
+    axes[0].legend(loc="lower right")
+    fig.suptitle("Another lab's images: trained on the source, tested on the target (last iteration)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "quality_cross.png", dpi=110)
+    plt.close(fig)
 
 
 def refuse_other_settings(runs: list[Run], results: dict, extra: list[str]) -> None:
