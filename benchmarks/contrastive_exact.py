@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from cdcl.io import write_json_atomic, write_text_atomic
 from cdcl.methods.losses import patch_contrastive_loss
 
-from provenance import git_commit, machine
+from provenance import torch_timing_header
 from released_loss import released_contrastive_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -88,13 +88,7 @@ def main() -> int:
     sizable = want.abs() > 1e-3
     median = {name: statistics.median(s) for name, s in seconds.items()}
     result = {
-        "command": " ".join(["python", "benchmarks/contrastive_exact.py", *sys.argv[1:]]),
-        "git_commit": git_commit(),
-        "machine": machine(
-            torch=torch.__version__,
-            torch_threads=torch.get_num_threads(),
-            OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS"),
-        ),
+        **torch_timing_header("benchmarks/contrastive_exact.py", sys.argv[1:]),
         "loadavg_start": [round(x, 2) for x in load_start],
         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "anchors": n,

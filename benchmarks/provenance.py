@@ -47,6 +47,21 @@ def machine(**versions: object) -> dict:
     return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "python": platform.python_version(), **versions}
 
 
+def torch_timing_header(script: str, argv: list[str]) -> dict:
+    """The command, commit and machine (with torch's version and thread settings) of a torch timing run."""
+    import torch
+
+    return {
+        "command": " ".join(["python", script, *argv]),
+        "git_commit": git_commit(),
+        "machine": machine(
+            torch=torch.__version__,
+            torch_threads=torch.get_num_threads(),
+            OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS"),
+        ),
+    }
+
+
 def accelerator_machine() -> dict:
     """Where a training run ran: the platform, Python, torch and the CUDA device (None on a CPU)."""
     import torch  # only here: the other helpers serve benchmarks that never load torch

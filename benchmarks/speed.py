@@ -45,7 +45,7 @@ from cdcl.training.engine import build_optimizer, update_ema  # noqa: E402
 from cdcl.vocab import METHODS  # noqa: E402
 from cdcl.wsi.worker import tile_nuclei_json  # noqa: E402
 
-from provenance import git_commit, machine  # noqa: E402
+from provenance import torch_timing_header  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 TEST_IMAGES = REPO.parent / "shared" / "data" / "monuseg" / "test" / "images"
@@ -561,13 +561,7 @@ def main() -> int:
     embed = method_config("cdcl").model.embed_dim
     sizes = [(16, 256, 64)] if quick else [(64, 1024, 64), (256, 4096, 64), (256, 4096, 128), (1024, 8192, 64)]
     result = {
-        "command": " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]]),
-        "git_commit": git_commit(),
-        "machine": machine(
-            torch=torch.__version__,
-            torch_threads=torch.get_num_threads(),
-            OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS"),
-        ),
+        **torch_timing_header("benchmarks/speed.py", sys.argv[1:]),
         "loadavg_start": [round(x, 2) for x in load_start],
         "quick": quick,
     }
