@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import functools
+import hashlib
 import json
 import math
 import os
@@ -299,9 +300,12 @@ def train_sets(run: Run, extra: list[str]) -> list[str]:
 
 
 def settings(run: Run, extra: list[str]) -> dict:
-    """What makes two records of one key comparable: the training config and overrides, and what was evaluated."""
+    """What makes two records of one key comparable: the training config (its path and a hash of its text, so a
+    changed default is not mistaken for the recorded one) and overrides, and what was evaluated."""
     trained = run.source or run
-    out = {"config": str(trained.config), "overrides": train_sets(trained, extra)}
+    text = (ROOT / trained.config).read_bytes() if (ROOT / trained.config).exists() else b""
+    out = {"config": str(trained.config), "config_sha256": hashlib.sha256(text).hexdigest()[:16]}
+    out |= {"overrides": train_sets(trained, extra)}
     if run.source is not None:
         out |= {"test": CROSS[run.dataset].test, "mpp": cross_mpp(run.dataset), "eval_args": list(run.eval_args)}
     return out
