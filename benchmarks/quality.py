@@ -127,6 +127,7 @@ SWITCHES = {
         "cdcl",
         [f"data.unlabeled_root={TARGET_TILES}", "data.stain_norm=reinhard"],
     ),
+    "supervised-reinhard-hed": ("monuseg", "supervised", ["data.stain_norm=reinhard", "augment.stain=hed"]),
     "supervised-hed-scale": ("monuseg", "supervised", ["augment.stain=hed", "augment.scale=[0.5,2.0]"]),
 }
 """Issue 22 on MoNuSeg 1/16 -> DSB tissue: the stain switches, and the lab's route (labels from MoNuSeg, unlabeled
