@@ -383,7 +383,7 @@ class Trainer:
         checkpoint is chosen by AJI (the instances are what a user gets; Dice peaks before the borders settle)."""
         if not self.splits.val or not self.dist.main:
             return None
-        model = self.teacher if self.config.train.eval_model == "ema" else self.student
+        model = self.eval_net
         probs = predict_probabilities(model, self.splits.val, self.config, self.device, self.stain)
         scores = {"dice": pooled_dice(probs, self.splits.val)}
         if self.config.train.select_by == "aji":
@@ -534,13 +534,16 @@ class Trainer:
             save_checkpoint(best_path, lean_payload(best))
             self.postprocess, self.predicted_diameter = best["postprocess"], best["predicted_nucleus_diameter"]
             if self.best_step != self.step:  # else the final weights are the best ones
-                self.postprocess, score, self.predicted_diameter = self._tune(
-                    self.teacher if self.config.train.eval_model == "ema" else self.student
-                )
+                self.postprocess, score, self.predicted_diameter = self._tune(self.eval_net)
             self._log({"iteration": self.step, "val/aji_tuned_last": score})
         self.complete = True
         self.save("last.pt")
         plot_training_curves(self._records(), self.out / "curves.png")
+
+    @property
+    def eval_net(self) -> nn.Module:
+        """The weights validated, tuned for and predicted with (``train.eval_model``)."""
+        return self.teacher if self.config.train.eval_model == "ema" else self.student
 
     def _tune(self, model: nn.Module) -> tuple[dict, float, float | None]:
         """Post-processing settings with the best mean AJI on the validation images for ``model``, that AJI, and
