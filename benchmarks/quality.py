@@ -626,6 +626,7 @@ def v2_gaps(groups: dict) -> list[str]:
     comparisons = [(m, "supervised") for m in PLAN_METHODS[1:]] + [("cdcl", "unimatch")]
     comparisons += [(name, "supervised") for name in [*SWITCHES, *EVAL_SWITCHES]]
     comparisons += [("cdcl-target-reinhard", "supervised-reinhard")]  # the lab route beside its own baseline
+    comparisons += [("supervised", "supervised-nonorm")]  # in-domain cost of the Reinhard default (issue 22)
     budgets = sorted({(ds, b) for ds, b, _ in groups}, key=lambda k: rank(*k))
     for ds, budget in budgets:
         for minuend, base in comparisons:
@@ -646,9 +647,12 @@ def noise_floor(groups: dict) -> str:
         return f"Noise floor: {len(recs)} of {len(NOISE_RUN_SEEDS)} runs so far."
     sds = ", ".join(f"{label} {sample_sd([100 * score(r, k) for r in recs]):.2f}" for k, label in LABELS.items())
     seeds = ", ".join(str(s) for s in sorted(r["seed"] for r in recs))
+    current = settings(Run("monuseg", "1-16", 0, "noise-floor", "supervised"), [])["config_sha256"]
+    stale = any(r["settings"].get("config_sha256") != current for r in recs)
     return (
         f"Noise floor (supervised, MoNuSeg 1/16, split seed 0, run seeds {seeds}; last iteration): standard "
-        f"deviation in points: {sds} (n={len(recs)})."
+        f"deviation in points: {sds} (n={len(recs)})"
+        + ("; trained with an earlier version of the config (before a default changed)." if stale else ".")
     )
 
 
