@@ -715,6 +715,7 @@ def report(results: dict) -> None:
     plot(v2, "last iteration") if len(budgets) > 1 else plot(v1, "protocol 1, best on val")
     if any(ds in CROSS for ds, _, _ in v2):
         plot_cross(v2)
+    plot_gaps(v2)
 
 
 def v1_tables(groups: dict) -> str:
@@ -768,6 +769,7 @@ def plot(groups: dict, which: str) -> None:
     fig.suptitle(f"MoNuSeg test images ({which}; mean and 95% t-interval over seeded splits)")
     fig.tight_layout()
     fig.savefig(RESULTS / "quality.png", dpi=110)
+    plt.close(fig)
 
 
 def plot_cross(groups: dict) -> None:
@@ -796,6 +798,43 @@ def plot_cross(groups: dict) -> None:
     fig.suptitle("Another lab's images: trained on the source, tested on the target (last iteration)")
     fig.tight_layout()
     fig.savefig(RESULTS / "quality_cross.png", dpi=110)
+    plt.close(fig)
+
+
+def plot_gaps(groups: dict) -> None:
+    """Each semi-supervised method minus supervised (paired by split and seed, last iteration), per dataset and
+    budget: the mean gap in Dice and AJI points with its 95% t-interval, zero and the issue's +2 / +3 AJI targets
+    marked. The answer to "will my unlabeled tiles help?" in one picture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for ds, budget in sorted({(ds, b) for ds, b, _ in groups if ds in TRACKS}, key=lambda k: rank(*k)):
+        for method in PLAN_METHODS[1:]:
+            matched = pairs(groups, ds, budget, method, "supervised")
+            if matched:
+                rows.append((f"{ds} {budget.replace('-', '/')}: {method} (n={len(matched)})", matched))
+    if not rows:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.4 * len(rows) + 1.6), sharey=True)
+    for ax, metric in zip(axes, ("dice", "aji")):
+        for y, (_, matched) in enumerate(rows):
+            m, low, _ = t_interval([100 * (score(a, metric) - score(b, metric)) for a, b in matched])
+            ax.errorbar(m, y, xerr=None if math.isnan(low) else m - low, fmt="o", capsize=3, color="tab:blue")
+        ax.axvline(0, color="k", linewidth=1)
+        if metric == "aji":
+            ax.axvline(2, color="tab:green", linestyle="--", linewidth=1, label="target +2 (MoNuSeg)")
+            ax.axvline(3, color="tab:red", linestyle=":", linewidth=1, label="target +3 (domain tracks)")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_xlabel(f"{LABELS[metric]} points, method minus supervised (paired)")
+        ax.grid(alpha=0.3, axis="x")
+    axes[0].set_yticks(range(len(rows)), [label for label, _ in rows])
+    axes[0].invert_yaxis()
+    fig.suptitle("What the unlabeled tiles buy: paired gaps, mean and 95% t-interval over seeds (last iteration)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "quality_gaps.png", dpi=110)
     plt.close(fig)
 
 

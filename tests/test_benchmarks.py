@@ -205,3 +205,14 @@ def test_t_interval_and_paired_gap_rows_on_a_hand_made_example(quality):
         lines[2]
         == "| monuseg | 1/16 | cdcl | supervised | 3 | +2.0 [-0.5, +4.5] | +2.0 [-0.5, +4.5] | +2.0 [-0.5, +4.5] |"
     )
+
+
+def test_gap_picture_and_noise_floor_from_protocol2_records(quality, tmp_path):
+    runs = [v2_record(quality, "supervised", s, 0.70, 0.50) for s in range(3)]
+    runs += [v2_record(quality, "cdcl", s, 0.71, 0.52) for s in range(3)]
+    runs += [v2_record(quality, "noise-floor", s, 0.70 + 0.01 * s, 0.50) for s in range(3)]
+    groups = quality.group({str(i): r for i, r in enumerate(runs)})
+    quality.plot_gaps(groups)
+    assert (tmp_path / "quality_gaps.png").stat().st_size > 10_000
+    line = quality.noise_floor(groups)
+    assert "Dice 1.00, AJI 0.00" in line and "(n=3); trained with an earlier version of the config" in line
