@@ -300,12 +300,17 @@ def train_sets(run: Run, extra: list[str]) -> list[str]:
     return [f"data.split_dir={run.split_dir}", f"train.seed={run.train_seed}", *run.overrides, *extra]
 
 
+def config_hash(config: Path) -> str:
+    """The first 16 hex digits of the config file's SHA-256 (of nothing when the file is missing)."""
+    text = (ROOT / config).read_bytes() if (ROOT / config).exists() else b""
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
 def settings(run: Run, extra: list[str]) -> dict:
     """What makes two records of one key comparable: the training config (its path and a hash of its text, so a
     changed default is not mistaken for the recorded one) and overrides, and what was evaluated."""
     trained = run.source or run
-    text = (ROOT / trained.config).read_bytes() if (ROOT / trained.config).exists() else b""
-    out = {"config": str(trained.config), "config_sha256": hashlib.sha256(text).hexdigest()[:16]}
+    out = {"config": str(trained.config), "config_sha256": config_hash(trained.config)}
     out |= {"overrides": train_sets(trained, extra)}
     if run.source is not None:
         out |= {"test": CROSS[run.dataset].test, "mpp": cross_mpp(run.dataset), "eval_args": list(run.eval_args)}
@@ -619,6 +624,11 @@ def pairs(groups: dict, ds: str, budget: str, minuend: str, base: str) -> list[t
     return [(by_seed[r["seed"]], r) for r in groups.get((ds, budget, base), []) if r["seed"] in by_seed]
 
 
+def gap_points(matched: list[tuple[dict, dict]], metric: str) -> list[float]:
+    """Per pair (minuend, base), the difference of the last-iteration scores in points."""
+    return [100 * (score(a, metric) - score(b, metric)) for a, b in matched]
+
+
 def v2_gaps(groups: dict) -> list[str]:
     """Each semi-supervised method (and each cross-dataset switch) minus supervised, and CDCL minus UniMatch,
     paired on dataset, budget, split and seed; in points of the last-iteration score."""
@@ -632,7 +642,7 @@ def v2_gaps(groups: dict) -> list[str]:
         for minuend, base in comparisons:
             matched = pairs(groups, ds, budget, minuend, base)
             if matched:
-                cells = [interval_cell([100 * (score(a, k) - score(b, k)) for a, b in matched]) for k in LABELS]
+                cells = [interval_cell(gap_points(matched, k)) for k in LABELS]
                 lines.append(
                     f"| {ds} | {budget.replace('-', '/')} | {minuend} | {base} | {len(matched)} | "
                     + " | ".join(cells)
@@ -647,7 +657,7 @@ def noise_floor(groups: dict) -> str:
         return f"Noise floor: {len(recs)} of {len(NOISE_RUN_SEEDS)} runs so far."
     sds = ", ".join(f"{label} {sample_sd([100 * score(r, k) for r in recs]):.2f}" for k, label in LABELS.items())
     seeds = ", ".join(str(s) for s in sorted(r["seed"] for r in recs))
-    current = settings(Run("monuseg", "1-16", 0, "noise-floor", "supervised"), [])["config_sha256"]
+    current = config_hash(Run("monuseg", "1-16", 0, "noise-floor", "supervised").config)
     stale = any(r["settings"].get("config_sha256") != current for r in recs)
     return (
         f"Noise floor (supervised, MoNuSeg 1/16, split seed 0, run seeds {seeds}; last iteration): standard "
@@ -712,7 +722,10 @@ def report(results: dict) -> None:
     ]
     (RESULTS / "quality.md").write_text("\n\n".join(sections) + "\n")
     budgets = {budget for ds, budget, _ in v2 if ds == "monuseg"}
-    plot(v2, "last iteration") if len(budgets) > 1 else plot(v1, "protocol 1, best on val")
+    if len(budgets) > 1:
+        plot(v2, "last iteration")
+    else:
+        plot(v1, "protocol 1, best on val")
     if any(ds in CROSS for ds, _, _ in v2):
         plot_cross(v2)
     plot_gaps(v2)
@@ -742,13 +755,25 @@ def v1_tables(groups: dict) -> str:
     )
 
 
-def plot(groups: dict, which: str) -> None:
-    """Dice and AJI against the MoNuSeg label budget, one line per method, 95% t-interval bars over seeds."""
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (imported here: only the report draws)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, name: str) -> None:
+    fig.tight_layout()
+    fig.savefig(RESULTS / name, dpi=110)
+    pyplot().close(fig)
+
+
+def plot(groups: dict, which: str) -> None:
+    """Dice and AJI against the MoNuSeg label budget, one line per method, 95% t-interval bars over seeds."""
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("dice", "aji")):
         for name in [*PLAN_METHODS, *(f"{m}-old" for m in PLAN_METHODS)]:
@@ -767,19 +792,13 @@ def plot(groups: dict, which: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle(f"MoNuSeg test images ({which}; mean and 95% t-interval over seeded splits)")
-    fig.tight_layout()
-    fig.savefig(RESULTS / "quality.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, "quality.png")
 
 
 def plot_cross(groups: dict) -> None:
     """Per cross-dataset track, target Dice and AJI of every row (bars: mean, 95% t-interval over seeds), the
     in-domain score of the same checkpoints as a marker: what each switch buys on another lab's images."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [(key, recs) for key, recs in ordered(groups) if key[0] in CROSS]
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(rows) + 1.5), sharey=True)
     labels = [f"{ds}: {name} (n={len(recs)})" for (ds, _, name), recs in rows]
@@ -796,20 +815,14 @@ def plot_cross(groups: dict) -> None:
     axes[0].invert_yaxis()
     axes[0].legend(loc="lower right")
     fig.suptitle("Another lab's images: trained on the source, tested on the target (last iteration)")
-    fig.tight_layout()
-    fig.savefig(RESULTS / "quality_cross.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, "quality_cross.png")
 
 
 def plot_gaps(groups: dict) -> None:
     """Each semi-supervised method minus supervised (paired by split and seed, last iteration), per dataset and
     budget: the mean gap in Dice and AJI points with its 95% t-interval, zero and the issue's +2 / +3 AJI targets
     marked. The answer to "will my unlabeled tiles help?" in one picture."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = []
     for ds, budget in sorted({(ds, b) for ds, b, _ in groups if ds in TRACKS}, key=lambda k: rank(*k)):
         for method in PLAN_METHODS[1:]:
@@ -821,7 +834,7 @@ def plot_gaps(groups: dict) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.4 * len(rows) + 1.6), sharey=True)
     for ax, metric in zip(axes, ("dice", "aji")):
         for y, (_, matched) in enumerate(rows):
-            m, low, _ = t_interval([100 * (score(a, metric) - score(b, metric)) for a, b in matched])
+            m, low, _ = t_interval(gap_points(matched, metric))
             ax.errorbar(m, y, xerr=None if math.isnan(low) else m - low, fmt="o", capsize=3, color="tab:blue")
         ax.axvline(0, color="k", linewidth=1)
         if metric == "aji":
@@ -833,9 +846,7 @@ def plot_gaps(groups: dict) -> None:
     axes[0].set_yticks(range(len(rows)), [label for label, _ in rows])
     axes[0].invert_yaxis()
     fig.suptitle("What the unlabeled tiles buy: paired gaps, mean and 95% t-interval over seeds (last iteration)")
-    fig.tight_layout()
-    fig.savefig(RESULTS / "quality_gaps.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, "quality_gaps.png")
 
 
 def refuse_other_settings(runs: list[Run], results: dict, extra: list[str]) -> None:
