@@ -698,7 +698,7 @@ def v2_runs(records: dict) -> list[str]:
 
 def report(results: dict) -> None:
     """quality.md (protocol 2: scores, noise floor, paired gaps with intervals, cross-dataset, runs; then protocol
-    1 as it was) and quality.png."""
+    1 as it was), the budget plots (quality.png: protocol 2; quality_protocol1.png) and the gap picture."""
     v2 = group(results.get("protocol2", {}))
     v1 = group(results["runs"])
     sections = []
@@ -721,11 +721,10 @@ def report(results: dict) -> None:
         "were.\n\n" + v1_tables(v1)
     ]
     (RESULTS / "quality.md").write_text("\n\n".join(sections) + "\n")
-    budgets = {budget for ds, budget, _ in v2 if ds == "monuseg"}
-    if len(budgets) > 1:
-        plot(v2, "last iteration")
-    else:
-        plot(v1, "protocol 1, best on val")
+    if any(ds == "monuseg" for ds, _, _ in v2):
+        plot(v2, "last iteration", "quality.png")
+    if any(ds == "monuseg" for ds, _, _ in v1):
+        plot(v1, "protocol 1, best on val", "quality_protocol1.png")
     if any(ds in CROSS for ds, _, _ in v2):
         plot_cross(v2)
     plot_gaps(v2)
@@ -771,7 +770,7 @@ def save_figure(fig, name: str) -> None:
     pyplot().close(fig)
 
 
-def plot(groups: dict, which: str) -> None:
+def plot(groups: dict, which: str, out: str) -> None:
     """Dice and AJI against the MoNuSeg label budget, one line per method, 95% t-interval bars over seeds."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -792,7 +791,7 @@ def plot(groups: dict, which: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle(f"MoNuSeg test images ({which}; mean and 95% t-interval over seeded splits)")
-    save_figure(fig, "quality.png")
+    save_figure(fig, out)
 
 
 def plot_cross(groups: dict) -> None:

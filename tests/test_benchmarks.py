@@ -94,7 +94,8 @@ def test_report_keeps_gpu_and_cpu_speeds_apart(quality, tmp_path):
         for r, t in ((record("cdcl", s, 0.7, 0.5, cuda="H200"), t) for s, t in enumerate((80.0, 95.0, 120.0)))
     ]
     assert quality.speed(timed) == "H200 0.05, 95 + 20 s (n=3)"
-    assert (tmp_path / "quality.png").stat().st_size > 10_000
+    assert (tmp_path / "quality_protocol1.png").stat().st_size > 10_000
+    assert not (tmp_path / "quality.png").exists()  # the budget plot of protocol 2 needs protocol 2 records
 
 
 def test_only_prefixes_set_the_order_of_runs(quality):
@@ -178,6 +179,7 @@ def test_protocol1_records_are_kept_and_tabulated_apart(quality, tmp_path):
     protocol2, protocol1 = text.split("## Protocol 1")
     assert "| monuseg | 1/16 | cdcl | 0.750 (n=1) |" in protocol2
     assert "| monuseg | 1/16 | cdcl | 0.700 (n=1) |" in protocol1
+    assert all((tmp_path / png).stat().st_size > 10_000 for png in ("quality.png", "quality_protocol1.png"))
 
 
 def test_a_key_recorded_with_other_settings_is_refused(quality):
