@@ -774,9 +774,9 @@ def plot(groups: dict, which: str, out: str) -> None:
     """Dice and AJI against the MoNuSeg label budget, one line per method, 95% t-interval bars over seeds."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    names = [*PLAN_METHODS, *(f"{m}-old" for m in PLAN_METHODS)]
+    names = [n for n in names if any(("monuseg", b, n) in groups for b in FRACTIONS)]
     for ax, metric in zip(axes, ("dice", "aji")):
-        names = [*PLAN_METHODS, *(f"{m}-old" for m in PLAN_METHODS)]
-        names = [n for n in names if any(("monuseg", b, n) in groups for b in FRACTIONS)]
         for i, name in enumerate(names):
             dodge = 2 ** (0.05 * (i - (len(names) - 1) / 2))  # side by side at each budget, so the bars stay readable
             xs, ys, errs = [], [], []
@@ -785,9 +785,8 @@ def plot(groups: dict, which: str, out: str) -> None:
                 if recs:
                     m, low, _ = t_interval([score(r, metric) for r in recs])
                     xs, ys, errs = xs + [frac * dodge], ys + [m], errs + [0.0 if math.isnan(low) else m - low]
-            if xs:
-                style = ":" if name.endswith("-old") else "-"
-                ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=name, linestyle=style)
+            style = ":" if name.endswith("-old") else "-"
+            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=name, linestyle=style)
         ax.set_xscale("log", base=2)
         ax.set_xticks(list(FRACTIONS.values()), [b.replace("-", "/") for b in FRACTIONS])
         ax.minorticks_off()
