@@ -280,7 +280,10 @@ def test_old_checkpoints_still_predict_as_before(tmp_path):
     prob = sliding_window_probability(
         predictor.model, image, window=predictor.window, overlap=0.25, batch_size=predictor.batch_size
     )
-    assert np.array_equal(prob, golden["prob"])
+    # Within one float32 ulp, not bitwise: the golden file was written on another CPU, and the convolution's
+    # summation order follows the vector instructions the CPU has (3e-8 apart on an AMD EPYC). The labels below
+    # stay exact.
+    np.testing.assert_allclose(prob, golden["prob"], rtol=0, atol=1e-6)
     params = PostprocessParams(threshold=float(np.quantile(prob, 0.6)), min_size=2)
     assert np.array_equal(instances_from_maps(prob, params), golden["labels"]) and golden["labels"].max() == 26
 
