@@ -61,6 +61,9 @@ ABLATIONS = {
     "cdcl-no-bank": ["method.use_bank=false"],
     "cdcl-no-entropy": ["method.use_entropy=false"],
 }
+PAPER_SETTING = {"supervised-paper": "supervised", "cdcl-paper": "cdcl"}
+"""Issue 19's paper setting (``preset: paper``: DenseNet-161, 320 px crops), supervised vs CDCL at 1/16 on
+``TRACK_SEEDS`` splits; planned for a GPU (`--only monuseg/1-16/seed0/supervised-paper` and so on)."""
 REPRESENTATION_VARIANTS = {
     "distance": ["model.instances=distance"],
     "boundary1": ["method.boundary_weight=1"],
@@ -204,6 +207,8 @@ def plan() -> list[Run]:
     for seed in range(SPLIT_SEEDS["1-8"]):
         runs.append(Run("monuseg", "full", seed, "supervised", "supervised"))
         runs.extend(Run("monuseg", "1-8", seed, m, m) for m in PLAN_METHODS)
+    for seed in range(TRACK_SEEDS):
+        runs.extend(Run("monuseg", "1-16", seed, n, m, ["preset=paper"]) for n, m in PAPER_SETTING.items())
     for seed in range(SPLIT_SEEDS["1-8"]):
         runs.extend(Run("monuseg", "1-8", seed, name, "cdcl", overrides) for name, overrides in ABLATIONS.items())
     for seed in range(SPLIT_SEEDS["1-8"]):
@@ -637,6 +642,7 @@ def v2_gaps(groups: dict) -> list[str]:
     comparisons += [(name, "supervised") for name in [*SWITCHES, *EVAL_SWITCHES]]
     comparisons += [("cdcl-target-reinhard", "supervised-reinhard")]  # the lab route beside its own baseline
     comparisons += [("supervised", "supervised-nonorm")]  # in-domain cost of the Reinhard default (issue 22)
+    comparisons += [("cdcl-paper", "supervised-paper")]
     budgets = sorted({(ds, b) for ds, b, _ in groups}, key=lambda k: rank(*k))
     for ds, budget in budgets:
         for minuend, base in comparisons:

@@ -105,6 +105,18 @@ def test_only_prefixes_set_the_order_of_runs(quality):
     assert quality.select(quality.plan(), []) == quality.plan()
 
 
+def test_paper_setting_runs_train_the_paper_model_at_1_16(quality):
+    from cdcl.config import load_config
+
+    runs = [r for r in quality.plan() if r.name in quality.PAPER_SETTING]
+    assert [r.key for r in runs[:2]] == ["monuseg/1-16/seed0/supervised-paper", "monuseg/1-16/seed0/cdcl-paper"]
+    assert len(runs) == 2 * quality.TRACK_SEEDS
+    for run in runs:
+        config = load_config(REPO / run.config, quality.train_sets(run, []))
+        assert (config.model.encoder, config.augment.crop_size, config.method.name) == ("densenet161", 320, run.method)
+        assert config.data.split_dir.endswith(f"1-16/seed{run.seed}")
+
+
 def test_postprocess_speed_benchmark_checks_old_and_new_agree(tmp_path, shared_data):
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "postprocess_speed.py"), "--quick", "--out", str(tmp_path)],
