@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from cdcl.config import load_config
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -106,8 +108,6 @@ def test_only_prefixes_set_the_order_of_runs(quality):
 
 
 def test_paper_setting_runs_train_the_paper_model_at_1_16(quality):
-    from cdcl.config import load_config
-
     runs = [r for r in quality.plan() if r.name in quality.PAPER_SETTING]
     assert [r.key for r in runs[:2]] == ["monuseg/1-16/seed0/supervised-paper", "monuseg/1-16/seed0/cdcl-paper"]
     assert len(runs) == 2 * quality.TRACK_SEEDS
